@@ -1,0 +1,290 @@
+package control
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+type echoArgs struct {
+	Name string `json:"name"`
+	N    int    `json:"n"`
+}
+
+func startServer(t *testing.T, h Handler) *Server {
+	t.Helper()
+	// Unix socket paths are limited to ~108 bytes; t.TempDir can be longer.
+	dir, err := os.MkdirTemp("", "ctl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	s, err := Listen(filepath.Join(dir, "control.sock"), h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve() }()
+	t.Cleanup(func() {
+		s.Close()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return s
+}
+
+func testHandler(ctx context.Context, op string, args json.RawMessage) (any, error) {
+	switch op {
+	case "echo":
+		var a echoArgs
+		if err := json.Unmarshal(args, &a); err != nil {
+			return nil, err
+		}
+		a.N++
+		return a, nil
+	case "fail":
+		return nil, &Error{Message: "no such disk: x", Hint: "run `encdisk disk list VOL`", Code: 1}
+	case "plain":
+		return nil, errors.New("plain failure")
+	case "panic":
+		panic("boom")
+	case "slow":
+		time.Sleep(200 * time.Millisecond)
+		return "done", nil
+	}
+	return nil, errors.New("unknown op " + op)
+}
+
+func TestRoundTrip(t *testing.T) {
+	s := startServer(t, testHandler)
+	info, err := os.Stat(s.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if perm := info.Mode().Perm(); perm != 0o600 {
+		t.Errorf("socket mode %o, want 600", perm)
+	}
+
+	c, err := Dial(s.Path(), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := 0; i < 3; i++ { // several calls on one connection
+		var got echoArgs
+		if err := c.Call("echo", echoArgs{Name: "data1", N: i}, &got); err != nil {
+			t.Fatal(err)
+		}
+		if got.Name != "data1" || got.N != i+1 {
+			t.Fatalf("got %+v", got)
+		}
+	}
+
+	tests := []struct {
+		op, msg, hint string
+	}{
+		{"fail", "no such disk: x", "run `encdisk disk list VOL`"},
+		{"plain", "plain failure", ""},
+		{"panic", "internal error in panic: boom", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.op, func(t *testing.T) {
+			err := c.Call(tt.op, nil, nil)
+			var ce *Error
+			if !errors.As(err, &ce) {
+				t.Fatalf("err = %v (%T), want *Error", err, err)
+			}
+			if ce.Message != tt.msg || ce.Hint != tt.hint || ce.Code == 0 {
+				t.Errorf("got %+v", ce)
+			}
+		})
+	}
+	// The connection survives errors and panics.
+	if err := c.Call("echo", echoArgs{}, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestConcurrentClients(t *testing.T) {
+	s := startServer(t, testHandler)
+	var wg sync.WaitGroup
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			var got echoArgs
+			if err := Call(s.Path(), "echo", echoArgs{N: i}, &got, 5*time.Second); err != nil {
+				t.Error(err)
+				return
+			}
+			if got.N != i+1 {
+				t.Errorf("got %d want %d", got.N, i+1)
+			}
+		}(i)
+	}
+	wg.Wait()
+}
+
+func TestNoDaemon(t *testing.T) {
+	dir, err := os.MkdirTemp("", "ctl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "control.sock")
+	if _, err := Dial(path, time.Second); !errors.Is(err, ErrNoDaemon) {
+		t.Fatalf("missing socket: err = %v, want ErrNoDaemon", err)
+	}
+	// A stale socket file: bound once, nobody listening now.
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("stale socket not left behind: %v", err)
+	}
+	if _, err := Dial(path, time.Second); !errors.Is(err, ErrNoDaemon) {
+		t.Fatalf("stale socket: err = %v, want ErrNoDaemon", err)
+	}
+}
+
+// rawExchange writes raw bytes and returns the first response line.
+func rawExchange(t *testing.T, path string, data []byte) Response {
+	t.Helper()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	go c.Write(data) // may fail once the server hangs up on an oversized line
+	line, err := bufio.NewReader(c).ReadBytes('\n')
+	if err != nil {
+		t.Fatalf("read response: %v", err)
+	}
+	var r Response
+	if err := json.Unmarshal(line, &r); err != nil {
+		t.Fatalf("bad response %q: %v", line, err)
+	}
+	return r
+}
+
+func TestOversizedRequest(t *testing.T) {
+	s := startServer(t, testHandler)
+	big := `{"op":"echo","args":{"name":"` + strings.Repeat("a", MaxRequest) + `"}}` + "\n"
+	r := rawExchange(t, s.Path(), []byte(big))
+	if !strings.Contains(r.Error, "too large") {
+		t.Fatalf("got %+v, want a too-large error", r)
+	}
+	// The client refuses to send one in the first place.
+	err := Call(s.Path(), "echo", echoArgs{Name: strings.Repeat("a", MaxRequest)}, nil, time.Second)
+	if !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("client: err = %v, want ErrTooLarge", err)
+	}
+	// And the server is still fine.
+	if err := Call(s.Path(), "echo", echoArgs{}, nil, time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestMalformedRequests(t *testing.T) {
+	s := startServer(t, testHandler)
+	for _, in := range []string{
+		"not json\n",
+		"{}\n",
+		`{"op":""}` + "\n",
+		`{"op":"Echo"}` + "\n",
+		`{"op":"echo","extra":1}` + "\n",
+		`{"op":"echo"} {"op":"echo"}` + "\n",
+		`["echo"]` + "\n",
+		`{"op":"echo","args":` + "\n",
+	} {
+		r := rawExchange(t, s.Path(), []byte(in))
+		if !strings.Contains(r.Error, "malformed") || r.Code != 2 {
+			t.Errorf("%q: got %+v, want a malformed-request error", in, r)
+		}
+	}
+}
+
+func TestCloseWaitsForHandlers(t *testing.T) {
+	s := startServer(t, testHandler)
+	c, err := Dial(s.Path(), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	res := make(chan error, 1)
+	go func() {
+		var out string
+		err := c.Call("slow", nil, &out)
+		if err == nil && out != "done" {
+			err = errors.New("bad result " + out)
+		}
+		res <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-res; err != nil {
+		t.Fatalf("in-flight call: %v", err)
+	}
+	if _, err := os.Stat(s.Path()); !os.IsNotExist(err) {
+		t.Errorf("socket file left after Close: %v", err)
+	}
+}
+
+func TestCallTimeout(t *testing.T) {
+	s := startServer(t, testHandler)
+	err := Call(s.Path(), "slow", nil, nil, 20*time.Millisecond)
+	if err == nil {
+		t.Fatal("no timeout")
+	}
+}
+
+func FuzzDecodeRequest(f *testing.F) {
+	for _, s := range []string{
+		`{"op":"disk.list"}`,
+		`{"op":"disk.create","args":{"name":"data1","size":8589934592,"encrypted":true}}`,
+		`{"op":"daemon.umount","args":null}`,
+		`{"op":"x","args":"\u0000"}`,
+		`{}`, `null`, `[]`, `{"op":1}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, line []byte) {
+		req, err := DecodeRequest(line)
+		if err != nil {
+			if req != nil {
+				t.Fatal("request returned with an error")
+			}
+			return
+		}
+		if validOp(req.Op) != nil {
+			t.Fatalf("accepted bad op %q", req.Op)
+		}
+		// A decoded request re-encodes to something that decodes the same.
+		b, err := json.Marshal(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req2, err := DecodeRequest(b)
+		if err != nil {
+			t.Fatalf("re-encoded request %s does not decode: %v", b, err)
+		}
+		if req2.Op != req.Op {
+			t.Fatalf("op changed: %q -> %q", req.Op, req2.Op)
+		}
+	})
+}
