@@ -1,0 +1,236 @@
+package keystore
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+var testPass = Secret{Passphrase: []byte("correct horse battery staple")}
+
+func newTestKeystore(t *testing.T) *Keystore {
+	t.Helper()
+	ks, err := Create(filepath.Join(t.TempDir(), "ks"), testPass, TestParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ks.Close() })
+	return ks
+}
+
+func TestCreateOpen(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ks")
+	if Exists(dir) {
+		t.Fatal("Exists before Create")
+	}
+	ks, err := Create(dir, testPass, TestParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !Exists(dir) || ks.Dir() != dir {
+		t.Fatal("Exists/Dir after Create")
+	}
+	if _, err := ks.ServiceKey("cn-hangzhou"); err != nil {
+		t.Fatal(err)
+	}
+	ks.Close()
+
+	if _, err := Create(dir, testPass, TestParams); !errors.Is(err, ErrExists) {
+		t.Errorf("Create over a keystore: %v, want ErrExists", err)
+	}
+	ks2, err := Open(dir, Secret{Passphrase: []byte("correct horse battery staple")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ks, err := ks2.ServiceKey("cn-hangzhou"); err != nil || ks.Versions != 1 {
+		t.Fatalf("service key after reopen: %v %v", ks, err)
+	}
+	ks2.Close()
+
+	for _, tc := range []struct {
+		name   string
+		secret Secret
+		want   error
+	}{
+		{"wrong passphrase", Secret{Passphrase: []byte("Correct horse battery staple")}, ErrWrongSecret},
+		{"key file for passphrase keystore", Secret{KeyFile: writeKeyFile(t, bytes.Repeat([]byte{1}, 32))}, ErrWrongSecret},
+		{"no secret", Secret{}, ErrInvalid},
+		{"both secrets", Secret{Passphrase: []byte("x"), KeyFile: "/dev/null"}, ErrInvalid},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Open(dir, tc.secret)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("Open: %v, want %v", err, tc.want)
+			}
+		})
+	}
+	if _, err := Open(dir, Secret{Passphrase: []byte("nope")}); err == nil || !strings.Contains(err.Error(), "wrong passphrase or root key") {
+		t.Errorf("wrong passphrase message: %v", err)
+	}
+}
+
+func TestPermissions(t *testing.T) {
+	ks := newTestKeystore(t)
+	if _, _, _, err := ks.GenerateDataKey("cn-hangzhou", ServiceAlias, PrincipalECS, 64, nil); err != nil {
+		t.Fatal(err)
+	}
+	err := filepath.Walk(ks.Dir(), func(path string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		want := os.FileMode(0o600)
+		if fi.IsDir() {
+			want = 0o700
+		}
+		if got := fi.Mode().Perm(); got != want {
+			t.Errorf("%s: mode %o, want %o", path, got, want)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCreateInExistingDir(t *testing.T) {
+	dir := t.TempDir()
+	ks, err := Create(dir, testPass, TestParams)
+	if err != nil {
+		t.Fatalf("Create in an empty directory: %v", err)
+	}
+	ks.Close()
+	other := t.TempDir()
+	os.WriteFile(filepath.Join(other, "x"), nil, 0o600)
+	if _, err := Create(other, testPass, TestParams); !errors.Is(err, ErrExists) {
+		t.Fatalf("Create in a non-empty directory: %v", err)
+	}
+}
+
+func writeKeyFile(t *testing.T, content []byte) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "root.key")
+	if err := os.WriteFile(p, content, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestKeyFileSecret(t *testing.T) {
+	raw := bytes.Repeat([]byte{0xa5}, 32)
+	hexFile := writeKeyFile(t, []byte(hex.EncodeToString(raw)+"\n"))
+	rawFile := writeKeyFile(t, raw)
+	gen := filepath.Join(t.TempDir(), "gen.key")
+	if err := GenerateKeyFile(gen); err != nil {
+		t.Fatal(err)
+	}
+	if err := GenerateKeyFile(gen); err == nil {
+		t.Fatal("GenerateKeyFile overwrote a file")
+	}
+	if fi, _ := os.Stat(gen); fi.Mode().Perm() != 0o600 {
+		t.Errorf("generated key file mode %o", fi.Mode().Perm())
+	}
+
+	dir := filepath.Join(t.TempDir(), "ks")
+	ks, err := Create(dir, Secret{KeyFile: hexFile}, Params{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks.Close()
+	for _, tc := range []struct {
+		name   string
+		secret Secret
+		want   error
+	}{
+		{"same key as hex", Secret{KeyFile: hexFile}, nil},
+		{"same key raw", Secret{KeyFile: rawFile}, nil},
+		{"hex without newline", Secret{KeyFile: writeKeyFile(t, []byte(hex.EncodeToString(raw)))}, nil},
+		{"other key", Secret{KeyFile: gen}, ErrWrongSecret},
+		{"passphrase", testPass, ErrWrongSecret},
+		{"short file", Secret{KeyFile: writeKeyFile(t, raw[:31])}, ErrInvalid},
+		{"bad hex", Secret{KeyFile: writeKeyFile(t, bytes.Repeat([]byte("g"), 64))}, ErrInvalid},
+		{"missing file", Secret{KeyFile: filepath.Join(t.TempDir(), "none")}, os.ErrNotExist},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ks, err := Open(dir, tc.secret)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("Open: %v, want %v", err, tc.want)
+			}
+			if err == nil {
+				ks.Close()
+			}
+		})
+	}
+}
+
+func TestNoKeystore(t *testing.T) {
+	for _, dir := range []string{filepath.Join(t.TempDir(), "missing"), t.TempDir()} {
+		_, err := Open(dir, testPass)
+		if !errors.Is(err, ErrNoKeystore) {
+			t.Fatalf("Open(%s): %v, want ErrNoKeystore", dir, err)
+		}
+		for _, hint := range []string{"encdisk init", "--keystore", "ENCDISK_KEYSTORE"} {
+			if !strings.Contains(err.Error(), hint) {
+				t.Errorf("error %q lacks %q", err, hint)
+			}
+		}
+	}
+	// A keystore removed under an open handle is reported the same way.
+	ks := newTestKeystore(t)
+	os.RemoveAll(ks.Dir())
+	if _, err := ks.ListKeys("cn-hangzhou"); !errors.Is(err, ErrNoKeystore) {
+		t.Fatalf("ListKeys on removed keystore: %v", err)
+	}
+}
+
+func TestCorruptRootFile(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ks")
+	ks, err := Create(dir, testPass, TestParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks.Close()
+	path := filepath.Join(dir, rootName)
+	orig, _ := os.ReadFile(path)
+	defer os.WriteFile(path, orig, 0o600)
+	for n := 0; n < len(orig)-1; n += 7 {
+		os.WriteFile(path, orig[:n], 0o600)
+		if _, err := Open(dir, testPass); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("truncated to %d: %v, want ErrCorrupt", n, err)
+		}
+	}
+	for _, tc := range []struct{ from, to string }{
+		{`"time": 1`, `"time": 2`},
+		{`"memory_kib": 64`, `"memory_kib": 72`},
+		{`"memory_kib": 64`, `"memory_kib": 4294967295`},
+		{`"version": 1`, `"version": 2`},
+		{`"argon2id"`, `"scrypt"`},
+	} {
+		if !bytes.Contains(orig, []byte(tc.from)) {
+			t.Fatalf("keystore.json lacks %s:\n%s", tc.from, orig)
+		}
+		os.WriteFile(path, bytes.Replace(orig, []byte(tc.from), []byte(tc.to), 1), 0o600)
+		_, err := Open(dir, testPass)
+		if !errors.Is(err, ErrCorrupt) && !errors.Is(err, ErrWrongSecret) {
+			t.Errorf("%s -> %s: %v, want ErrCorrupt or ErrWrongSecret", tc.from, tc.to, err)
+		}
+	}
+}
+
+func TestClose(t *testing.T) {
+	ks := newTestKeystore(t)
+	keys := ks.keys
+	ks.Close()
+	if !bytes.Equal(keys, make([]byte, len(keys))) {
+		t.Fatal("Close left key bytes in memory")
+	}
+	if _, err := ks.ServiceKey("cn-hangzhou"); !errors.Is(err, ErrClosed) {
+		t.Fatalf("after Close: %v", err)
+	}
+	if err := ks.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
