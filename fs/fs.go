@@ -161,6 +161,10 @@ func Mount(mountpoint string, b Backend, o Options) (*Server, error) {
 		Logger:            o.Logger,
 		DirectMountStrict: true,
 		DisableXAttrs:     true,
+		// Read data is in memory (decrypted), never in a file descriptor
+		// that could be spliced: without this go-fuse tries a pipe for
+		// every reply before falling back to writev.
+		DisableSplice: true,
 	}
 	fsopts := &gofs.Options{
 		MountOptions: mopts,
@@ -300,11 +304,25 @@ func callerWho(ctx context.Context) string {
 	return procWho(c.Pid)
 }
 
+// procWho names the process of pid. The kernel passes the id of the calling
+// thread, so it is mapped to its thread group (the pid ps shows).
 func procWho(pid uint32) string {
 	if pid == 0 {
 		return "the kernel"
 	}
-	comm, err := os.ReadFile("/proc/" + strconv.FormatUint(uint64(pid), 10) + "/comm")
+	dir := "/proc/" + strconv.FormatUint(uint64(pid), 10)
+	if status, err := os.ReadFile(dir + "/status"); err == nil {
+		for line := range strings.Lines(string(status)) {
+			if v, ok := strings.CutPrefix(line, "Tgid:"); ok {
+				if tgid, err := strconv.ParseUint(strings.TrimSpace(v), 10, 32); err == nil && tgid != 0 {
+					pid = uint32(tgid)
+					dir = "/proc/" + strconv.FormatUint(tgid, 10)
+				}
+				break
+			}
+		}
+	}
+	comm, err := os.ReadFile(dir + "/comm")
 	if err != nil {
 		return fmt.Sprintf("pid %d", pid)
 	}
