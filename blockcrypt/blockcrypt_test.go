@@ -118,21 +118,25 @@ func checkBothWays(t *testing.T, run func(dst, src []byte, decrypt bool), pt, ct
 	t.Helper()
 	got := make([]byte, len(pt))
 	run(got, pt, false)
-	if !bytes.Equal(got, ct) {
-		t.Errorf("encrypt: got %x..., want %x...", got[:32], ct[:32])
-	}
+	compare(t, "encrypt", got, ct)
 	run(got, ct, true)
-	if !bytes.Equal(got, pt) {
-		t.Errorf("decrypt: got %x..., want %x...", got[:32], pt[:32])
-	}
+	compare(t, "decrypt", got, pt)
 	copy(got, pt)
 	run(got, got, false)
-	if !bytes.Equal(got, ct) {
-		t.Errorf("encrypt in place: got %x..., want %x...", got[:32], ct[:32])
-	}
+	compare(t, "encrypt in place", got, ct)
 	run(got, got, true)
-	if !bytes.Equal(got, pt) {
-		t.Errorf("decrypt in place: got %x..., want %x...", got[:32], pt[:32])
+	compare(t, "decrypt in place", got, pt)
+}
+
+// compare reports the first differing 16-byte block, if any.
+func compare(t *testing.T, what string, got, want []byte) {
+	t.Helper()
+	for i := 0; i < len(want); i += 16 {
+		if !bytes.Equal(got[i:i+16], want[i:i+16]) {
+			t.Errorf("%s (%d bytes): first difference in block %d: got %x, want %x",
+				what, len(want), i/16, got[i:i+16], want[i:i+16])
+			return
+		}
 	}
 }
 

@@ -1,3 +1,5 @@
+//go:build !amd64 || purego
+
 package blockcrypt
 
 // The portable build: crypto/aes behind cipher.Block for every Cipher.

@@ -1,0 +1,342 @@
+// Command _asm generates blockcrypt's amd64 XTS kernels, xts_amd64.s and
+// their Go declarations, with avo:
+//
+//	cd blockcrypt/_asm && go run . -out ../xts_amd64.s -stubs ../xts_amd64_stubs.go
+//
+// Two engines, each an encrypt and a decrypt function over one XTS data unit
+// (any non-zero multiple of 16 bytes; a 4096-byte sector in production):
+//
+//   - xts{Enc,Dec}VAES512: VAES and VPCLMULQDQ on 512-bit registers
+//     (AVX-512F/BW). Each zmm register holds four AES blocks, so one VAESENC
+//     does a round of four blocks. The main loop keeps four registers (16
+//     blocks, 256 bytes) in flight so that the AES unit always has
+//     independent work while earlier rounds are in its pipeline. All fifteen
+//     round keys stay in registers Z16-Z30 for the whole call.
+//   - xts{Enc,Dec}AESNI: AES-NI with AVX (VEX) encodings on 128-bit
+//     registers, eight blocks in flight, round keys read from memory (VEX
+//     memory operands need no alignment). For CPUs without VAES/AVX-512.
+//
+// The design follows the published descriptions: Intel's AES-NI white papers
+// on pipelining independent blocks, and the Linux aes-xts-avx10 notes on
+// computing tweaks in registers (multiply by x^k with a carry-less multiply
+// for the reduction) and folding the last tweak XOR into the last round key.
+// The code is our own.
+//
+// avo v0.5.0 knows VAES and VPCLMULQDQ only in their 128-bit forms, so the
+// 512-bit forms are emitted as raw instructions (see raw); the Go assembler
+// encodes them.
+package main
+
+import (
+	"fmt"
+
+	. "github.com/mmcloughlin/avo/build"
+	"github.com/mmcloughlin/avo/ir"
+	. "github.com/mmcloughlin/avo/operand"
+	. "github.com/mmcloughlin/avo/reg"
+)
+
+// Round keys are 15 blocks of 16 bytes (AES-256: 14 rounds plus the initial
+// whitening key), in the byte order the AES instructions take them.
+const rounds = 14
+
+var (
+	// gfMask is {0x87, 1} as two little-endian qwords. Its low qword is
+	// the reduction constant of GF(2^128) modulo x^128+x^7+x^2+x+1, used by
+	// the carry-less multiplies; the whole of it is the mask of the
+	// shift-and-add doubling in the AES-NI kernel (see mulX).
+	gfMask Mem
+	// laneShiftL and laneShiftR are the per-qword shift counts that multiply
+	// lane i of a zmm register (i = 0..3) by x^i: left by i, and right by
+	// 64-i for the bits that cross into the next qword.
+	laneShiftL, laneShiftR Mem
+)
+
+func main() {
+	ConstraintExpr("amd64,!purego")
+
+	gfMask = GLOBL("xtsGFMask", RODATA|NOPTR)
+	DATA(0, U64(0x87))
+	DATA(8, U64(1))
+
+	laneShiftL = GLOBL("xtsLaneShiftL", RODATA|NOPTR)
+	for q := 0; q < 8; q++ {
+		DATA(8*q, U64(uint64(q/2))) // lane q/2: left by lane
+	}
+	laneShiftR = GLOBL("xtsLaneShiftR", RODATA|NOPTR)
+	for q := 0; q < 8; q++ {
+		DATA(8*q, U64(uint64(64-q/2))) // right by 64-lane (64 gives 0)
+	}
+	xtsVAES512(false)
+	xtsVAES512(true)
+	xtsAESNI(false)
+	xtsAESNI(true)
+	Generate()
+}
+
+// raw appends an instruction avo does not know in this form. Only physical
+// registers are used, so avo's register allocator has nothing to track.
+func raw(opcode string, ops ...Op) {
+	Instruction(&ir.Instruction{Opcode: opcode, Operands: ops})
+}
+
+var zmm = []VecPhysical{Z0, Z1, Z2, Z3, Z4, Z5, Z6, Z7, Z8, Z9, Z10, Z11, Z12, Z13, Z14, Z15,
+	Z16, Z17, Z18, Z19, Z20, Z21, Z22, Z23, Z24, Z25, Z26, Z27, Z28, Z29, Z30, Z31}
+
+var xmm = []VecPhysical{X0, X1, X2, X3, X4, X5, X6, X7, X8, X9, X10, X11, X12, X13, X14, X15}
+
+// header declares one kernel and loads its arguments:
+// AX = round keys of K1 (encryption or decryption schedule), BX = encryption
+// round keys of the tweak key K2, DI = dst, SI = src, CX = len(src),
+// DX = data unit number.
+func header(name, doc string) {
+	TEXT(name, NOSPLIT, "func(k1, k2 *[240]byte, dst, src []byte, unit uint64)")
+	Pragma("noescape")
+	Doc(doc)
+	Load(Param("k1"), RAX)
+	Load(Param("k2"), RBX)
+	Load(Param("dst").Base(), RDI)
+	Load(Param("src").Base(), RSI)
+	Load(Param("src").Len(), RCX)
+	Load(Param("unit"), RDX)
+}
+
+// initialTweak computes T = AES-256(K2, unit as a 16-byte little-endian
+// integer) into x, with VEX encodings.
+func initialTweak(x VecPhysical) {
+	Comment("T = AES-256-Encrypt(K2, little-endian unit number)")
+	MOVQ(RDX, x)
+	VPXOR(Mem{Base: RBX}, x, x)
+	for r := 1; r < rounds; r++ {
+		VAESENC(Mem{Base: RBX, Disp: 16 * r}, x, x)
+	}
+	VAESENCLAST(Mem{Base: RBX, Disp: 16 * rounds}, x, x)
+}
+
+func roundName(decrypt bool) (mid, last string) {
+	if decrypt {
+		return "VAESDEC", "VAESDECLAST"
+	}
+	return "VAESENC", "VAESENCLAST"
+}
+
+// mulXk512 sets dst to src times x^k in each 128-bit lane, 0 < k < 64:
+// a 128-bit shift left by k bits, plus the k bits shifted out of the top,
+// reduced by a carry-less multiply with 0x87 (x^128 = x^7+x^2+x+1).
+// Clobbers Z12, Z13. Z14 holds gfMask in every lane.
+func mulXk512(dst, src VecPhysical, k int) {
+	VPSRLQ(U8(64-k), src, Z13) // bits leaving each qword
+	VPSLLQ(U8(k), src, dst)    // each qword shifted
+	VPSLLDQ(U8(8), Z13, Z12)   // low qword's carry into the high qword
+	VPSRLDQ(U8(8), Z13, Z13)   // high qword's carry, to reduce
+	raw("VPCLMULQDQ", U8(0x00), Z14, Z13, Z13)
+	VPTERNLOGD(U8(0x96), Z12, Z13, dst) // dst ^= Z12 ^ Z13
+}
+
+// mulX16z multiplies each lane of t by x^16 in place: a two-byte shift and
+// the reduction of the two bytes that fall off. Clobbers tmp.
+func mulX16z(t, tmp VecPhysical) {
+	VPSRLDQ(U8(14), t, tmp)
+	raw("VPCLMULQDQ", U8(0x00), Z14, tmp, tmp)
+	VPSLLDQ(U8(2), t, t)
+	VPXORD(tmp, t, t)
+}
+
+func xtsVAES512(decrypt bool) {
+	name, what := "xtsEncVAES512", "encrypts"
+	if decrypt {
+		name, what = "xtsDecVAES512", "decrypts"
+	}
+	mid, last := roundName(decrypt)
+	header(name, fmt.Sprintf("%s %s len(src) bytes, a non-zero multiple of 16, as one XTS data unit with VAES on 512-bit registers. k1 is the %s schedule of K1, k2 the encryption schedule of K2.",
+		name, what, map[bool]string{false: "encryption", true: "decryption"}[decrypt]))
+
+	Comment("Round keys of K1 in Z16-Z30, each broadcast to the four lanes.")
+	for r := 0; r <= rounds; r++ {
+		VBROADCASTI32X4(Mem{Base: RAX, Disp: 16 * r}, zmm[16+r])
+	}
+	VBROADCASTI32X4(gfMask, Z14)
+
+	initialTweak(X12)
+	Comment("Z4 = T*x^0 | T*x^1 | T*x^2 | T*x^3 (lane 0 is the lowest):",
+		"broadcast T, then shift lane i left by i bits and reduce.")
+	VSHUFI64X2(U8(0), Z12, Z12, Z4)
+	VPSRLVQ(laneShiftR, Z4, Z13)
+	VPSLLVQ(laneShiftL, Z4, Z4)
+	VPSLLDQ(U8(8), Z13, Z12)
+	VPSRLDQ(U8(8), Z13, Z13)
+	raw("VPCLMULQDQ", U8(0x00), Z14, Z13, Z13)
+	VPTERNLOGD(U8(0x96), Z12, Z13, Z4)
+	Comment("Z5, Z6, Z7: the tweaks of blocks 4-7, 8-11, 12-15.")
+	mulXk512(Z5, Z4, 4)
+	mulXk512(Z6, Z4, 8)
+	mulXk512(Z7, Z4, 12)
+
+	data := []VecPhysical{Z0, Z1, Z2, Z3}
+	tweak := []VecPhysical{Z4, Z5, Z6, Z7}
+	lastKey := []VecPhysical{Z8, Z9, Z10, Z11}
+
+	// crypt runs the rounds over the first n data registers. The tweak XOR
+	// at the end is folded into the last round key: the last round ends
+	// with an XOR of its key, so last(s, K ^ T) = last(s, K) ^ T.
+	crypt := func(n int) {
+		for r := 1; r < rounds; r++ {
+			for i := 0; i < n; i++ {
+				raw(mid, zmm[16+r], data[i], data[i])
+			}
+		}
+		for i := 0; i < n; i++ {
+			raw(last, lastKey[i], data[i], data[i])
+		}
+	}
+
+	Label(name + "_loop16")
+	CMPQ(RCX, U32(256))
+	JB(LabelRef(name + "_tail4"))
+	for i := 0; i < 4; i++ {
+		VMOVDQU64(Mem{Base: RSI, Disp: 64 * i}, data[i])
+	}
+	for i := 0; i < 4; i++ {
+		VPTERNLOGD(U8(0x96), Z16, tweak[i], data[i]) // block ^ tweak ^ round key 0
+		VPXORD(Z30, tweak[i], lastKey[i])
+	}
+	Comment("Next 16 tweaks, while the AES rounds run.")
+	mulX16z(Z4, Z12)
+	mulX16z(Z5, Z13)
+	mulX16z(Z6, Z15)
+	mulX16z(Z7, Z31)
+	crypt(4)
+	for i := 0; i < 4; i++ {
+		VMOVDQU64(data[i], Mem{Base: RDI, Disp: 64 * i})
+	}
+	ADDQ(U32(256), RSI)
+	ADDQ(U32(256), RDI)
+	SUBQ(U32(256), RCX)
+	JMP(LabelRef(name + "_loop16"))
+
+	Comment("Fewer than 16 blocks left: four at a time, the tweaks moving down Z5-Z7 into Z4.")
+	Label(name + "_tail4")
+	CMPQ(RCX, U32(64))
+	JB(LabelRef(name + "_tail1"))
+	VMOVDQU64(Mem{Base: RSI}, Z0)
+	VPTERNLOGD(U8(0x96), Z16, Z4, Z0)
+	VPXORD(Z30, Z4, Z8)
+	crypt(1)
+	VMOVDQU64(Z0, Mem{Base: RDI})
+	VMOVDQA64(Z5, Z4)
+	VMOVDQA64(Z6, Z5)
+	VMOVDQA64(Z7, Z6)
+	ADDQ(U32(64), RSI)
+	ADDQ(U32(64), RDI)
+	SUBQ(U32(64), RCX)
+	JMP(LabelRef(name + "_tail4"))
+
+	Comment("Fewer than 4 blocks left: one at a time in lane 0, rotating the next tweak into it.")
+	Label(name + "_tail1")
+	TESTQ(RCX, RCX)
+	JZ(LabelRef(name + "_done"))
+	VMOVDQU(Mem{Base: RSI}, X0) // VEX load: clears the upper lanes
+	VPTERNLOGD(U8(0x96), Z16, Z4, Z0)
+	VPXORD(Z30, Z4, Z8)
+	crypt(1)
+	VMOVDQU(X0, Mem{Base: RDI})
+	VALIGNQ(U8(2), Z4, Z4, Z4)
+	ADDQ(U32(16), RSI)
+	ADDQ(U32(16), RDI)
+	SUBQ(U32(16), RCX)
+	JMP(LabelRef(name + "_tail1"))
+
+	Label(name + "_done")
+	Comment("Leave no key or tweak material in vector registers.")
+	for i := 0; i < 32; i++ {
+		VPXORD(zmm[i], zmm[i], zmm[i])
+	}
+	VZEROUPPER()
+	RET()
+}
+
+// mulX sets dst to src times x in GF(2^128), the XTS tweak update, with
+// shifts only: VPADDQ doubles each qword, and the two bits lost (bit 63,
+// carried into bit 64, and bit 127, reduced into 0x87) are recovered from
+// the sign bits of the dwords: VPSRAD spreads them, VPSHUFD $0x13 moves
+// bit 127's to dword 0 and bit 63's to dword 2, and gfMask keeps 0x87 and 1.
+func mulX(dst, src, tmp VecPhysical) {
+	VPSRAD(U8(31), src, tmp)
+	VPSHUFD(U8(0x13), tmp, tmp)
+	VPAND(gfMask, tmp, tmp)
+	VPADDQ(src, src, dst)
+	VPXOR(tmp, dst, dst)
+}
+
+func xtsAESNI(decrypt bool) {
+	name, what := "xtsEncAESNI", "encrypts"
+	if decrypt {
+		name, what = "xtsDecAESNI", "decrypts"
+	}
+	mid, last := roundName(decrypt)
+	header(name, fmt.Sprintf("%s %s len(src) bytes, a non-zero multiple of 16, as one XTS data unit with AES-NI (VEX encoded) on 128-bit registers. k1 is the %s schedule of K1, k2 the encryption schedule of K2.",
+		name, what, map[bool]string{false: "encryption", true: "decryption"}[decrypt]))
+
+	data := xmm[0:8]
+	tweak := xmm[8:16]
+	initialTweak(X8)
+	Comment("X9-X15: the tweaks of blocks 1-7.")
+	for i := 1; i < 8; i++ {
+		mulX(tweak[i], tweak[i-1], X0)
+	}
+	key := func(r int) Mem { return Mem{Base: RAX, Disp: 16 * r} }
+	crypt := func(n int) {
+		for r := 1; r < rounds; r++ {
+			for i := 0; i < n; i++ {
+				raw(mid, key(r), data[i], data[i])
+			}
+		}
+		for i := 0; i < n; i++ {
+			raw(last, key(rounds), data[i], data[i])
+			VPXOR(tweak[i], data[i], data[i])
+		}
+	}
+
+	Label(name + "_loop8")
+	CMPQ(RCX, U32(128))
+	JB(LabelRef(name + "_tail1"))
+	for i := 0; i < 8; i++ {
+		VPXOR(Mem{Base: RSI, Disp: 16 * i}, tweak[i], data[i])
+		VPXOR(key(0), data[i], data[i])
+	}
+	crypt(8)
+	for i := 0; i < 8; i++ {
+		VMOVDQU(data[i], Mem{Base: RDI, Disp: 16 * i})
+	}
+	Comment("Next 8 tweaks.")
+	mulX(tweak[0], tweak[7], X0)
+	for i := 1; i < 8; i++ {
+		mulX(tweak[i], tweak[i-1], X0)
+	}
+	ADDQ(U32(128), RSI)
+	ADDQ(U32(128), RDI)
+	SUBQ(U32(128), RCX)
+	JMP(LabelRef(name + "_loop8"))
+
+	Comment("Fewer than 8 blocks left: one at a time with the tweak in X8.")
+	Label(name + "_tail1")
+	TESTQ(RCX, RCX)
+	JZ(LabelRef(name + "_done"))
+	VPXOR(Mem{Base: RSI}, X8, X0)
+	VPXOR(key(0), X0, X0)
+	crypt(1)
+	VMOVDQU(X0, Mem{Base: RDI})
+	mulX(X8, X8, X1)
+	ADDQ(U32(16), RSI)
+	ADDQ(U32(16), RDI)
+	SUBQ(U32(16), RCX)
+	JMP(LabelRef(name + "_tail1"))
+
+	Label(name + "_done")
+	Comment("Leave no key or tweak material in vector registers.")
+	for i := 0; i < 16; i++ {
+		VPXOR(xmm[i], xmm[i], xmm[i])
+	}
+	VZEROUPPER()
+	RET()
+}
