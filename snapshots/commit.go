@@ -1,0 +1,345 @@
+package snapshots
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// changes is the metadata captured for one commit.
+type changes struct {
+	nodes      map[uint64][]byte // nil value: delete
+	nodeRefs   map[uint64]uint32 // 0: delete
+	blockRefs  map[uint64]uint32
+	trees      map[TreeID]*treeState // nil: delete
+	free       []extent              // nil unless the free list changed
+	writeFree  bool
+	hwm        uint64
+	nextNode   uint64
+	nextTree   uint64
+	committing []extent
+}
+
+// captureLocked takes the dirty metadata for a commit. s.mu held.
+func (s *Store) captureLocked() *changes {
+	c := &changes{
+		nodes:     make(map[uint64][]byte, len(s.dirtyNodes)),
+		nodeRefs:  make(map[uint64]uint32, len(s.dirtyNodeRefs)),
+		blockRefs: make(map[uint64]uint32, len(s.dirtyBlockRefs)),
+		trees:     make(map[TreeID]*treeState, len(s.dirtyTrees)),
+		hwm:       s.hwm, nextNode: s.nextNode, nextTree: s.nextTree,
+	}
+	for id := range s.dirtyNodes {
+		if n := s.nodes[id]; n != nil {
+			c.nodes[id] = n.encode()
+		} else {
+			c.nodes[id] = nil
+		}
+	}
+	for id := range s.dirtyNodeRefs {
+		c.nodeRefs[id] = s.nodeRefs[id]
+	}
+	for b := range s.dirtyBlockRefs {
+		c.blockRefs[b] = s.blockRefs[b]
+	}
+	for t := range s.dirtyTrees {
+		if ts := s.trees[t]; ts != nil {
+			cp := *ts
+			c.trees[t] = &cp
+		} else {
+			c.trees[t] = nil
+		}
+	}
+	s.pending = mergeExtents(s.pending)
+	s.committing = s.pending
+	s.pending = nil
+	c.committing = s.committing
+	s.committingDecNodes, s.committingDecBlocks = s.decNodes, s.decBlocks
+	s.decNodes, s.decBlocks = map[uint64]bool{}, map[uint64]bool{}
+	// Blocks reserved by writes in flight are free in the committed state:
+	// a crash before they are published must not leak them.
+	c.writeFree = true
+	c.free = append(append([]extent(nil), s.free...), c.committing...)
+	for b := range s.reserved {
+		c.free = append(c.free, extent{b, 1})
+	}
+	c.free = mergeExtents(c.free)
+	clear(s.dirtyNodes)
+	clear(s.dirtyNodeRefs)
+	clear(s.dirtyBlockRefs)
+	clear(s.dirtyTrees)
+	s.dirtyFree, s.dirtyCounters = false, false
+	return c
+}
+
+// restoreLocked marks the captured changes dirty again after a failed commit,
+// so the next commit retries them. s.mu held.
+func (s *Store) restoreLocked(c *changes) {
+	for id := range c.nodes {
+		s.dirtyNodes[id] = s.nodes[id] != nil
+	}
+	for id := range c.nodeRefs {
+		s.dirtyNodeRefs[id] = true
+	}
+	for b := range c.blockRefs {
+		s.dirtyBlockRefs[b] = true
+	}
+	for t := range c.trees {
+		s.dirtyTrees[t] = true
+	}
+	s.pending = append(s.pending, s.committing...)
+	s.committing = nil
+	for id := range s.committingDecNodes {
+		s.decNodes[id] = true
+	}
+	for b := range s.committingDecBlocks {
+		s.decBlocks[b] = true
+	}
+	s.committingDecNodes, s.committingDecBlocks = nil, nil
+	s.dirtyFree, s.dirtyCounters = true, true
+}
+
+func (c *changes) write(tx *bolt.Tx) error {
+	nodes := tx.Bucket(bucketNodes)
+	for id, v := range c.nodes {
+		var err error
+		if v == nil {
+			err = nodes.Delete(u64(id))
+		} else {
+			err = nodes.Put(u64(id), v)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	putRefs := func(name []byte, m map[uint64]uint32) error {
+		b := tx.Bucket(name)
+		for id, r := range m {
+			var err error
+			if r <= 1 {
+				err = b.Delete(u64(id))
+			} else {
+				v := make([]byte, 4)
+				binary.BigEndian.PutUint32(v, r)
+				err = b.Put(u64(id), v)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if err := putRefs(bucketNodeRefs, c.nodeRefs); err != nil {
+		return err
+	}
+	if err := putRefs(bucketBlockRefs, c.blockRefs); err != nil {
+		return err
+	}
+	trees := tx.Bucket(bucketTrees)
+	for t, ts := range c.trees {
+		var err error
+		if ts == nil {
+			err = trees.Delete(u64(uint64(t)))
+		} else {
+			v := make([]byte, 16)
+			binary.LittleEndian.PutUint64(v, ts.root)
+			binary.LittleEndian.PutUint64(v[8:], ts.mapped)
+			err = trees.Put(u64(uint64(t)), v)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if c.writeFree {
+		if err := tx.DeleteBucket(bucketFree); err != nil {
+			return err
+		}
+		fb, err := tx.CreateBucket(bucketFree)
+		if err != nil {
+			return err
+		}
+		for _, e := range c.free {
+			if err := fb.Put(u64(e.start), u64(e.n)); err != nil {
+				return err
+			}
+		}
+	}
+	m := tx.Bucket(bucketMeta)
+	for k, v := range map[string]uint64{"hwm": c.hwm, "next-node": c.nextNode, "next-tree": c.nextTree} {
+		if err := m.Put([]byte(k), u64(v)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Commit makes every write published so far durable, with extra (the
+// caller's catalogue changes, may be nil) in the same transaction.
+func (s *Store) Commit(extra func(tx *bolt.Tx) error) error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	s.mu.Lock()
+	if s.poisoned != nil {
+		s.mu.Unlock()
+		return s.poisoned
+	}
+	c := s.captureLocked()
+	s.mu.Unlock()
+	if err := s.persist(c, extra); err != nil {
+		s.mu.Lock()
+		s.restoreLocked(c)
+		s.mu.Unlock()
+		return err
+	}
+	s.gate.Lock()
+	s.retire(c)
+	s.gate.Unlock()
+	return nil
+}
+
+func (s *Store) persist(c *changes, extra func(tx *bolt.Tx) error) error {
+	// Data before the metadata that points at it.
+	if err := s.pool.Sync(); err != nil {
+		return fmt.Errorf("snapshots: sync pool: %w", err)
+	}
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		if err := c.write(tx); err != nil {
+			return err
+		}
+		if extra != nil {
+			return extra(tx)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("snapshots: commit metadata: %w", err)
+	}
+	return nil
+}
+
+// retire punches the blocks a durable commit freed and makes them reusable.
+// The I/O gate is held exclusively: no reader still holds them.
+func (s *Store) retire(c *changes) {
+	for _, e := range c.committing {
+		// A failed punch only costs space; the blocks are free either way.
+		_ = s.punch(e)
+	}
+	s.mu.Lock()
+	s.free = mergeExtents(append(s.free, c.committing...))
+	s.committing = nil
+	s.committingDecNodes, s.committingDecBlocks = nil, nil
+	s.mu.Unlock()
+}
+
+// Apply runs a management operation: with all data I/O drained, op changes
+// trees in memory (through the Tx it is given), then everything is
+// committed together with extra, atomically. If op returns an error it must
+// not have changed anything. If the commit fails after op changed the trees,
+// the store refuses further work until reopened.
+func (s *Store) Apply(op func(tx *Tx) error, extra func(tx *bolt.Tx) error) error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	s.gate.Lock()
+	defer s.gate.Unlock()
+	var opErr error
+	err := s.mutate(func() { opErr = op(&Tx{s: s}) })
+	if err != nil {
+		return err
+	}
+	if opErr != nil {
+		return opErr
+	}
+	s.mu.Lock()
+	c := s.captureLocked()
+	s.mu.Unlock()
+	if err := s.persist(c, extra); err != nil {
+		s.mu.Lock()
+		s.restoreLocked(c)
+		s.poisoned = fmt.Errorf("%w: %v", ErrPoisoned, err)
+		s.mu.Unlock()
+		return err
+	}
+	s.retire(c)
+	return nil
+}
+
+// Tx changes trees inside Apply.
+type Tx struct{ s *Store }
+
+// NewTree creates an empty tree (every sector reads as zeros).
+func (tx *Tx) NewTree() TreeID {
+	s := tx.s
+	t := TreeID(s.nextTree)
+	s.nextTree++
+	s.dirtyCounters = true
+	s.trees[t] = &treeState{}
+	s.dirtyTrees[t] = true
+	return t
+}
+
+// Clone creates a tree that shares all of src's blocks: a snapshot, or a
+// disk made from one. It costs the same whatever src's size.
+func (tx *Tx) Clone(src TreeID) (TreeID, error) {
+	s := tx.s
+	ts, err := s.tree(src)
+	if err != nil {
+		return 0, err
+	}
+	t := tx.NewTree()
+	if ts.root != 0 {
+		s.incNode(ts.root)
+	}
+	*s.trees[t] = *ts
+	return t, nil
+}
+
+// Replace makes dst share src's content (rollback to a snapshot), dropping
+// what dst alone held.
+func (tx *Tx) Replace(dst, src TreeID) error {
+	s := tx.s
+	d, err := s.tree(dst)
+	if err != nil {
+		return err
+	}
+	from, err := s.tree(src)
+	if err != nil {
+		return err
+	}
+	if from.root != 0 {
+		s.incNode(from.root)
+	}
+	if d.root != 0 {
+		s.decNode(d.root, levels-1)
+	}
+	*d = *from
+	s.dirtyTrees[dst] = true
+	return nil
+}
+
+// Clear empties tree t (back to all zeros), dropping what it alone held.
+func (tx *Tx) Clear(t TreeID) error {
+	s := tx.s
+	ts, err := s.tree(t)
+	if err != nil {
+		return err
+	}
+	if ts.root != 0 {
+		s.decNode(ts.root, levels-1)
+	}
+	*ts = treeState{}
+	s.dirtyTrees[t] = true
+	return nil
+}
+
+// Delete removes tree t, freeing the blocks no other tree shares.
+func (tx *Tx) Delete(t TreeID) error {
+	if err := tx.Clear(t); err != nil {
+		return err
+	}
+	delete(tx.s.trees, t)
+	return nil
+}
+
+// Exists reports whether tree t exists.
+func (tx *Tx) Exists(t TreeID) bool { return tx.s.trees[t] != nil }

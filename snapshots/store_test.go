@@ -1,0 +1,369 @@
+package snapshots
+
+import (
+	"bytes"
+	"encoding/binary"
+	"math/rand/v2"
+	"path/filepath"
+	"testing"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// testStore opens a fresh store in a temporary directory; reopen closes and
+// opens it again from disk.
+type testStore struct {
+	t    *testing.T
+	dir  string
+	db   *bolt.DB
+	s    *Store
+	pool string
+}
+
+func newTestStore(t *testing.T) *testStore {
+	t.Helper()
+	ts := &testStore{t: t, dir: t.TempDir()}
+	ts.pool = filepath.Join(ts.dir, "pool")
+	db, err := bolt.Open(filepath.Join(ts.dir, "meta.db"), 0o600, &bolt.Options{NoSync: true}) // crashes are simulated: no need for real fsyncs
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(db, ts.pool); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	ts.open()
+	t.Cleanup(ts.close)
+	return ts
+}
+
+func (ts *testStore) open() {
+	ts.t.Helper()
+	db, err := bolt.Open(filepath.Join(ts.dir, "meta.db"), 0o600, &bolt.Options{NoSync: true}) // crashes are simulated: no need for real fsyncs
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	s, err := Open(db, ts.pool)
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	ts.db, ts.s = db, s
+}
+
+func (ts *testStore) close() {
+	if ts.s != nil {
+		ts.s.Close()
+		ts.db.Close()
+		ts.s = nil
+	}
+}
+
+// crash drops the store without committing, as kill -9 would.
+func (ts *testStore) crash() {
+	ts.close()
+	ts.open()
+}
+
+func block(tag uint64) []byte {
+	b := make([]byte, BlockSize)
+	binary.LittleEndian.PutUint64(b, tag)
+	binary.LittleEndian.PutUint64(b[BlockSize-8:], ^tag)
+	return b
+}
+
+func (ts *testStore) write(t TreeID, first uint64, tags []uint64) {
+	ts.t.Helper()
+	s := ts.s
+	out := make([]uint64, len(tags))
+	fresh := make([]bool, len(tags))
+	s.BeginIO()
+	defer s.EndIO()
+	if err := s.PrepareWrite(t, first, out, fresh); err != nil {
+		ts.t.Fatal(err)
+	}
+	for i, b := range out {
+		if _, err := s.Pool().WriteAt(block(tags[i]), BlockOffset(b)); err != nil {
+			ts.t.Fatal(err)
+		}
+	}
+	if err := s.Publish(t, first, out, fresh); err != nil {
+		ts.t.Fatal(err)
+	}
+}
+
+func (ts *testStore) read(t TreeID, first uint64, n int) []uint64 {
+	ts.t.Helper()
+	s := ts.s
+	out := make([]uint64, n)
+	s.BeginIO()
+	defer s.EndIO()
+	if err := s.Lookup(t, first, out); err != nil {
+		ts.t.Fatal(err)
+	}
+	tags := make([]uint64, n)
+	buf := make([]byte, BlockSize)
+	for i, b := range out {
+		if b == 0 {
+			continue
+		}
+		if _, err := s.Pool().ReadAt(buf, BlockOffset(b)); err != nil {
+			ts.t.Fatalf("read block %d: %v", b, err)
+		}
+		tag := binary.LittleEndian.Uint64(buf)
+		if !bytes.Equal(buf, block(tag)) {
+			ts.t.Fatalf("sector %d: block %d is damaged", first+uint64(i), b)
+		}
+		tags[i] = tag
+	}
+	return tags
+}
+
+func (ts *testStore) apply(op func(tx *Tx) error) {
+	ts.t.Helper()
+	if err := ts.s.Apply(op, nil); err != nil {
+		ts.t.Fatal(err)
+	}
+}
+
+type model map[uint64]uint64 // sector -> tag (absent: zero)
+
+func (m model) clone() model {
+	c := model{}
+	for k, v := range m {
+		c[k] = v
+	}
+	return c
+}
+
+func (ts *testStore) check(t TreeID, m model, lo, hi uint64) {
+	ts.t.Helper()
+	got := ts.read(t, lo, int(hi-lo))
+	for i, g := range got {
+		if want := m[lo+uint64(i)]; g != want {
+			ts.t.Fatalf("tree %d sector %d: got tag %d, want %d", t, lo+uint64(i), g, want)
+		}
+	}
+	if mapped := ts.s.Mapped(t); mapped != uint64(len(m)) {
+		ts.t.Fatalf("tree %d: Mapped = %d, want %d", t, mapped, len(m))
+	}
+}
+
+func TestWriteReadHoles(t *testing.T) {
+	ts := newTestStore(t)
+	var d TreeID
+	ts.apply(func(tx *Tx) error { d = tx.NewTree(); return nil })
+	m := model{}
+	ts.check(d, m, 0, 2000)
+	ts.write(d, 5, []uint64{1, 2, 3})
+	ts.write(d, 510, []uint64{4, 5, 6, 7}) // crosses a leaf boundary
+	ts.write(d, 1<<27, []uint64{8})        // far away: another interior subtree
+	for k, v := range map[uint64]uint64{5: 1, 6: 2, 7: 3, 510: 4, 511: 5, 512: 6, 513: 7, 1 << 27: 8} {
+		m[k] = v
+	}
+	ts.check(d, m, 0, 2000)
+	ts.check(d, m, 1<<27-3, 1<<27+3)
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatal(err)
+	}
+	ts.crash()
+	ts.check(d, m, 0, 2000)
+}
+
+func TestUncommittedLostCommittedKept(t *testing.T) {
+	ts := newTestStore(t)
+	var d TreeID
+	ts.apply(func(tx *Tx) error { d = tx.NewTree(); return nil })
+	ts.write(d, 0, []uint64{1, 2})
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatal(err)
+	}
+	ts.write(d, 10, []uint64{3})
+	if err := ts.s.Discard(d, 0, 1); err != nil {
+		t.Fatal(err)
+	}
+	ts.write(d, 20, []uint64{4}) // must not reuse sector 0's block yet
+	ts.crash()
+	ts.check(d, model{0: 1, 1: 2}, 0, 30)
+}
+
+func TestSnapshotIsolationAndSpace(t *testing.T) {
+	ts := newTestStore(t)
+	var d, snap TreeID
+	ts.apply(func(tx *Tx) error { d = tx.NewTree(); return nil })
+	tags := make([]uint64, 1500)
+	for i := range tags {
+		tags[i] = uint64(i + 1)
+	}
+	ts.write(d, 0, tags)
+	ts.apply(func(tx *Tx) (err error) { snap, err = tx.Clone(d); return err })
+	before := ts.s.Stats()
+	ts.write(d, 700, []uint64{9999}) // CoW: one new block, a few new nodes
+	after := ts.s.Stats()
+	if grew := after.Blocks - before.Blocks; grew != 1 {
+		t.Fatalf("a 4 KiB write after a snapshot allocated %d blocks, want 1", grew)
+	}
+	md := model{}
+	for i, v := range tags {
+		md[uint64(i)] = v
+	}
+	ms := md.clone()
+	md[700] = 9999
+	ts.check(d, md, 0, 1600)
+	ts.check(snap, ms, 0, 1600)
+	// Deleting the snapshot frees exactly the one block only it used.
+	ts.apply(func(tx *Tx) error { return tx.Delete(snap) })
+	if st := ts.s.Stats(); st.FreeBlocks != 1 {
+		t.Fatalf("after deleting the snapshot %d blocks are free, want 1", st.FreeBlocks)
+	}
+	ts.crash()
+	ts.check(d, md, 0, 1600)
+	// Deleting the disk frees all.
+	ts.apply(func(tx *Tx) error { return tx.Delete(d) })
+	if st := ts.s.Stats(); st.FreeBlocks != st.Blocks-1 {
+		t.Fatalf("after deleting everything %d of %d blocks are free", st.FreeBlocks, st.Blocks-1)
+	}
+}
+
+func TestSeek(t *testing.T) {
+	ts := newTestStore(t)
+	var d TreeID
+	ts.apply(func(tx *Tx) error { d = tx.NewTree(); return nil })
+	ts.write(d, 1000, []uint64{1, 2})
+	ts.write(d, 1<<20, []uint64{3})
+	for _, c := range []struct {
+		from, data, hole uint64
+		ok               bool
+	}{
+		{0, 1000, 0, true},
+		{1000, 1000, 1002, true},
+		{1001, 1001, 1002, true},
+		{1002, 1 << 20, 1002, true},
+		{1<<20 + 1, 0, 1<<20 + 1, false},
+	} {
+		got, ok, err := ts.s.SeekData(d, c.from)
+		if err != nil || ok != c.ok || (ok && got != c.data) {
+			t.Errorf("SeekData(%d) = %d, %v, %v; want %d, %v", c.from, got, ok, err, c.data, c.ok)
+		}
+		h, err := ts.s.SeekHole(d, c.from)
+		if err != nil || h != c.hole {
+			t.Errorf("SeekHole(%d) = %d, %v; want %d", c.from, h, err, c.hole)
+		}
+	}
+}
+
+// TestRandomAgainstModel runs random writes, discards, snapshots, rollbacks,
+// deletes, commits and crashes against an in-memory model.
+func TestRandomAgainstModel(t *testing.T) {
+	ts := newTestStore(t)
+	rng := rand.New(rand.NewPCG(1, 2))
+	const span = 3000
+	live := map[TreeID]model{}
+	durable := map[TreeID]model{}
+	var next uint64 = 1
+	var first TreeID
+	ts.apply(func(tx *Tx) error { first = tx.NewTree(); return nil })
+	live[first] = model{}
+	durable[first] = model{}
+	pick := func() TreeID {
+		for id := range live {
+			if rng.IntN(2) == 0 {
+				return id
+			}
+		}
+		for id := range live {
+			return id
+		}
+		return 0
+	}
+	// Writes since the last commit may or may not survive a crash (in-place
+	// overwrites reach the pool file at once): after a crash each sector must
+	// hold its durable value or one written since.
+	since := map[TreeID]map[uint64][]uint64{}
+	snapDurable := func() {
+		since = map[TreeID]map[uint64][]uint64{}
+		durable = map[TreeID]model{}
+		for id, m := range live {
+			durable[id] = m.clone()
+		}
+	}
+	for step := 0; step < 2000; step++ {
+		id := pick()
+		switch op := rng.IntN(100); {
+		case op < 50:
+			lo := uint64(rng.IntN(span))
+			n := 1 + rng.IntN(300)
+			tags := make([]uint64, n)
+			for i := range tags {
+				tags[i] = next
+				live[id][lo+uint64(i)] = next
+				if since[id] == nil {
+					since[id] = map[uint64][]uint64{}
+				}
+				since[id][lo+uint64(i)] = append(since[id][lo+uint64(i)], next)
+				next++
+			}
+			ts.write(id, lo, tags)
+		case op < 62:
+			lo := uint64(rng.IntN(span))
+			n := uint64(1 + rng.IntN(1200))
+			if err := ts.s.Discard(id, lo, n); err != nil {
+				t.Fatal(err)
+			}
+			for s := lo; s < lo+n; s++ {
+				delete(live[id], s)
+			}
+		case op < 70 && len(live) < 12:
+			var c TreeID
+			ts.apply(func(tx *Tx) (err error) { c, err = tx.Clone(id); return err })
+			live[c] = live[id].clone()
+			snapDurable()
+		case op < 74 && len(live) > 1:
+			ts.apply(func(tx *Tx) error { return tx.Delete(id) })
+			delete(live, id)
+			snapDurable()
+		case op < 78 && len(live) > 1:
+			src := pick()
+			ts.apply(func(tx *Tx) error { return tx.Replace(id, src) })
+			live[id] = live[src].clone()
+			snapDurable()
+		case op < 90:
+			if err := ts.s.Commit(nil); err != nil {
+				t.Fatal(err)
+			}
+			snapDurable()
+		case op < 94:
+			ts.crash()
+			live = map[TreeID]model{}
+			for id, m := range durable {
+				got := ts.read(id, 0, span+300)
+				live[id] = model{}
+				for sec, g := range got {
+					s := uint64(sec)
+					ok := g == m[s]
+					for _, v := range since[id][s] {
+						ok = ok || g == v
+					}
+					if !ok {
+						t.Fatalf("after crash tree %d sector %d holds %d: neither durable %d nor written since (%v)", id, s, g, m[s], since[id][s])
+					}
+					if g != 0 {
+						live[id][s] = g
+					}
+				}
+			}
+			snapDurable()
+		default:
+			ts.check(id, live[id], 0, span+300)
+		}
+	}
+	for id, m := range live {
+		ts.check(id, m, 0, span+300)
+	}
+	// Everything freed once every tree is gone.
+	for id := range live {
+		ts.apply(func(tx *Tx) error { return tx.Delete(id) })
+	}
+	if st := ts.s.Stats(); st.FreeBlocks != st.Blocks-1 || len(ts.s.nodes) != 0 {
+		t.Fatalf("after deleting every tree: %d of %d blocks free, %d nodes left", st.FreeBlocks, st.Blocks-1, len(ts.s.nodes))
+	}
+}
