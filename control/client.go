@@ -76,7 +76,7 @@ func (c *Client) Call(op string, args, result any) error {
 		return fmt.Errorf("control: decode answer to %s: %w", op, err)
 	}
 	if r.Error != "" {
-		return &Error{Message: r.Error, Hint: r.Hint, Code: r.Code}
+		return &Error{Message: r.Error, Hint: r.Hint, Code: r.Code, Kind: r.Kind}
 	}
 	if result != nil && len(r.Result) > 0 {
 		if err := json.Unmarshal(r.Result, result); err != nil {

@@ -19,7 +19,7 @@
 // and the server answers each with one Response line,
 //
 //	{"result":{...}}                      success
-//	{"error":"...","hint":"...","code":1}  failure
+//	{"error":"...","hint":"...","code":1,"kind":"not_found"}  failure
 //
 // A connection may carry any number of request/response pairs, in order. A
 // request line longer than MaxRequest is refused (with an error response) and
@@ -73,16 +73,22 @@ type Response struct {
 	Error  string          `json:"error,omitempty"`
 	Hint   string          `json:"hint,omitempty"`
 	Code   int             `json:"code,omitempty"`
+	Kind   string          `json:"kind,omitempty"`
 }
 
 // Error is a failure reported by the other side (or built by a handler to be
 // sent there): the message, an optional hint for the user, and an optional
 // exit code. It lets the command line print a daemon's error exactly as it
 // would print the same error met directly.
+//
+// Kind is a short machine-readable class of the error (for example
+// "not_found"), so the receiving side can react to it, or word its own hint,
+// as it would for the sentinel error it stands for.
 type Error struct {
 	Message string
 	Hint    string
 	Code    int
+	Kind    string
 }
 
 func (e *Error) Error() string { return e.Message }

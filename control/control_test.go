@@ -52,7 +52,7 @@ func testHandler(ctx context.Context, op string, args json.RawMessage) (any, err
 		a.N++
 		return a, nil
 	case "fail":
-		return nil, &Error{Message: "no such disk: x", Hint: "run `encdisk disk list VOL`", Code: 1}
+		return nil, &Error{Message: "no such disk: x", Hint: "run `encdisk disk list VOL`", Code: 1, Kind: "not_found"}
 	case "plain":
 		return nil, errors.New("plain failure")
 	case "panic":
@@ -103,7 +103,7 @@ func TestRoundTrip(t *testing.T) {
 			if !errors.As(err, &ce) {
 				t.Fatalf("err = %v (%T), want *Error", err, err)
 			}
-			if ce.Message != tt.msg || ce.Hint != tt.hint || ce.Code == 0 {
+			if ce.Message != tt.msg || ce.Hint != tt.hint || ce.Code == 0 || (tt.op == "fail") != (ce.Kind == "not_found") {
 				t.Errorf("got %+v", ce)
 			}
 		})

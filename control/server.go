@@ -179,7 +179,7 @@ func (s *Server) call(req *Request) (resp Response) {
 func ErrorResponse(err error) Response {
 	var ce *Error
 	if errors.As(err, &ce) {
-		return Response{Error: ce.Message, Hint: ce.Hint, Code: ce.Code}
+		return Response{Error: ce.Message, Hint: ce.Hint, Code: ce.Code, Kind: ce.Kind}
 	}
 	return Response{Error: err.Error(), Code: 1}
 }

@@ -1,0 +1,103 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+
+	"github.com/encdisk/encdisk/fs"
+	"github.com/encdisk/encdisk/volume"
+)
+
+// backend shows a volume's attached disks through the FUSE layer. It only
+// converts: volume.DiskInfo to fs.DiskEntry, and volume errors to the errno
+// the kernel should see. Snapshots are not shown yet (the volume has no
+// snapshot API), so .snapshots is empty.
+type backend struct {
+	v *volume.Volume
+}
+
+var _ fs.Backend = backend{}
+
+func diskEntry(d *volume.DiskInfo) fs.DiskEntry {
+	return fs.DiskEntry{
+		Name:      d.Name,
+		Size:      d.Size,
+		Allocated: d.Allocated,
+		ModTime:   d.Created,
+	}
+}
+
+// errno maps volume errors to the errno they mean at the FUSE boundary; the
+// original error stays wrapped for the log.
+func errno(err error) error {
+	var e syscall.Errno
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &e):
+		return err
+	case errors.Is(err, volume.ErrNotFound), errors.Is(err, volume.ErrNotAttached):
+		return fmt.Errorf("%w: %w", syscall.ENOENT, err)
+	case errors.Is(err, volume.ErrInUse), errors.Is(err, volume.ErrLocked):
+		return fmt.Errorf("%w: %w", syscall.EBUSY, err)
+	case errors.Is(err, volume.ErrShrink), errors.Is(err, volume.ErrBadSize):
+		return fmt.Errorf("%w: %w", syscall.EINVAL, err)
+	case errors.Is(err, volume.ErrRule), errors.Is(err, volume.ErrNoKMS):
+		return fmt.Errorf("%w: %w", syscall.EACCES, err)
+	}
+	return err
+}
+
+func (b backend) Disks() ([]fs.DiskEntry, error) {
+	ds, err := b.v.ListDisks()
+	if err != nil {
+		return nil, errno(err)
+	}
+	var out []fs.DiskEntry
+	for i := range ds {
+		if ds[i].Status == volume.StatusInUse {
+			out = append(out, diskEntry(&ds[i]))
+		}
+	}
+	return out, nil
+}
+
+func (b backend) Stat(name string) (fs.DiskEntry, error) {
+	d, err := b.v.ShowDisk(name)
+	if err != nil {
+		return fs.DiskEntry{}, errno(err)
+	}
+	if d.Status != volume.StatusInUse {
+		return fs.DiskEntry{}, fmt.Errorf("%w: disk %q is not attached", syscall.ENOENT, name)
+	}
+	return diskEntry(d), nil
+}
+
+func (b backend) OpenDisk(name string, writable bool, who string) (fs.Disk, error) {
+	d, err := b.v.OpenDisk(name, writable, who)
+	if err != nil {
+		return nil, errno(err) // not a typed nil *volume.Disk
+	}
+	return d, nil
+}
+
+func (b backend) Snapshots(disk string) ([]fs.DiskEntry, error) { return nil, nil }
+
+func (b backend) SnapshotDisks() ([]string, error) { return nil, nil }
+
+func (b backend) StatSnapshot(disk, snap string) (fs.DiskEntry, error) {
+	return fs.DiskEntry{}, fmt.Errorf("%w: no snapshot %s/%s", syscall.ENOENT, disk, snap)
+}
+
+func (b backend) OpenSnapshot(disk, snap, who string) (fs.Disk, error) {
+	return nil, fmt.Errorf("%w: no snapshot %s/%s", syscall.ENOENT, disk, snap)
+}
+
+func (b backend) StatFS() (fs.StatFS, error) {
+	total, free, avail, err := b.v.StatFS()
+	if err != nil {
+		return fs.StatFS{}, errno(err)
+	}
+	return fs.StatFS{TotalBytes: total, FreeBytes: free, AvailBytes: avail}, nil
+}

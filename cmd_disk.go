@@ -1,0 +1,312 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/encdisk/encdisk/keystore"
+	"github.com/encdisk/encdisk/volume"
+	"github.com/urfave/cli/v2"
+)
+
+const sectorSize = 4096
+
+func jsonFlag() cli.Flag {
+	return &cli.BoolFlag{Name: "json", Usage: "print the result as JSON"}
+}
+
+func diskCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "disk",
+		Usage: "create, list, attach, detach, resize and delete disks",
+		Description: "Disk commands work the same whether the volume is mounted (they are sent to its\n" +
+			"mount daemon) or not (they open the volume directly).",
+		Subcommands: []*cli.Command{
+			{
+				Name:      "create",
+				Usage:     "create a disk (attached unless --detached)",
+				ArgsUsage: "VOL NAME",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "size", Usage: "disk `SIZE`, e.g. 20GiB, 512MiB, 1TB (a multiple of 4 KiB; default with --snapshot/--image: the source's size)"},
+					&cli.StringFlag{Name: "category", Usage: "`CATEGORY`: cloud_essd, cloud_ssd, cloud_efficiency, cloud or local (default: config's [defaults] category, else cloud_essd)"},
+					&cli.BoolFlag{Name: "system", Usage: "a system disk (default: a data disk)"},
+					&cli.BoolFlag{Name: "encrypted", Usage: "encrypt the disk (with the region's service key alias/acs/ecs unless --kms-key-id)"},
+					&cli.StringFlag{Name: "kms-key-id", Usage: "encrypt with the customer key `KEY` (an id or alias/NAME; implies --encrypted)"},
+					&cli.StringFlag{Name: "snapshot", Usage: "create from snapshot `SNAP`"},
+					&cli.StringFlag{Name: "image", Usage: "create from image `IMG`"},
+					&cli.BoolFlag{Name: "detached", Usage: "leave the new disk detached"},
+					jsonFlag(),
+				},
+				Action: runDiskCreate,
+			},
+			{
+				Name:      "list",
+				Usage:     "list the disks of a volume",
+				ArgsUsage: "VOL",
+				Flags:     []cli.Flag{jsonFlag()},
+				Action:    runDiskList,
+			},
+			{
+				Name:      "show",
+				Usage:     "describe a disk",
+				ArgsUsage: "VOL NAME",
+				Flags:     []cli.Flag{jsonFlag()},
+				Action:    runDiskShow,
+			},
+			diskNameCommand("attach", "attach a disk (it appears under the mount point)", opDiskAttach, "attached"),
+			diskNameCommand("detach", "detach a disk (it disappears from the mount point; its key is wiped from memory)", opDiskDetach, "detached"),
+			{
+				Name:      "resize",
+				Usage:     "grow a disk",
+				ArgsUsage: "VOL NAME",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "size", Usage: "new `SIZE`, e.g. 40GiB (disks only grow)"},
+					jsonFlag(),
+				},
+				Action: runDiskResize,
+			},
+			diskNameCommand("delete", "delete a detached disk and its data", opDiskDelete, "deleted"),
+		},
+	}
+}
+
+// parseSize parses a human size into bytes: positive, whole 4 KiB sectors.
+func parseSize(flag, s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	if strings.HasPrefix(s, "-") {
+		return 0, withHint(usageErrorf("--%s %s: a size must be positive", flag, s), "write sizes like 20GiB, 512MiB or 1TB")
+	}
+	n, err := humanize.ParseBytes(s)
+	if err != nil {
+		return 0, withHint(usageErrorf("--%s %q: not a size", flag, s), "write sizes like 20GiB, 512MiB or 1TB")
+	}
+	if n == 0 {
+		return 0, withHint(usageErrorf("--%s %s: a size must be positive", flag, s), "write sizes like 20GiB, 512MiB or 1TB")
+	}
+	if n > 1<<62 {
+		return 0, usageErrorf("--%s %s: too large", flag, s)
+	}
+	if n%sectorSize != 0 {
+		up := (n/sectorSize + 1) * sectorSize
+		return 0, withHint(usageErrorf("--%s %s: %d bytes is not a whole number of 4 KiB sectors", flag, s, n),
+			"disks are made of 4096-byte sectors; try --%s %d (%s)", flag, up, humanSize(int64(up)))
+	}
+	return int64(n), nil
+}
+
+// humanSize prints bytes for people: 8.0 GiB, 512 MiB, 4.0 KiB.
+func humanSize(n int64) string {
+	if n < 0 {
+		return fmt.Sprint(n)
+	}
+	return humanize.IBytes(uint64(n))
+}
+
+func runDiskCreate(c *cli.Context) error {
+	if err := needArgs(c, "VOL", "NAME"); err != nil {
+		return err
+	}
+	vol, name := c.Args().Get(0), c.Args().Get(1)
+	o := volume.CreateDiskOptions{
+		Name:      name,
+		Category:  c.String("category"),
+		System:    c.Bool("system"),
+		Encrypted: c.Bool("encrypted") || c.String("kms-key-id") != "",
+		KMSKeyID:  c.String("kms-key-id"),
+		Snapshot:  c.String("snapshot"),
+		Image:     c.String("image"),
+		Detached:  c.Bool("detached"),
+	}
+	if o.Snapshot != "" && o.Image != "" {
+		return usageErrorf("give --snapshot or --image, not both")
+	}
+	switch {
+	case c.IsSet("size"):
+		n, err := parseSize("size", c.String("size"))
+		if err != nil {
+			return err
+		}
+		o.Size = n
+	case o.Snapshot == "" && o.Image == "":
+		return withHint(usageErrorf("disk create: missing --size"), "e.g. `encdisk disk create %s %s --size 20GiB`", vol, name)
+	}
+	if o.Category == "" {
+		e, err := loadEnv(c)
+		if err != nil {
+			return err
+		}
+		o.Category = firstNonEmpty(e.cfg.Defaults.Category, volume.CategoryESSD)
+	}
+	var d volume.DiskInfo
+	if err := volumeCall(c, vol, opDiskCreate, o, &d); err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c, d)
+	}
+	state := "attached"
+	if d.Status != volume.StatusInUse {
+		state = "detached"
+	}
+	fmt.Fprintf(c.App.Writer, "created disk %s (%s), %s\n", d.Name, diskSummary(&d, o.KMSKeyID), state)
+	return nil
+}
+
+// diskSummary is "d-…, 8.0 GiB, cloud_essd, encrypted with …".
+func diskSummary(d *volume.DiskInfo, keyRef string) string {
+	parts := []string{d.ID, humanSize(d.Size), d.Category}
+	if d.Role == "system" {
+		parts = append(parts, "system")
+	}
+	parts = append(parts, encryptionSummary(d, keyRef))
+	if d.SourceType != "" && d.SourceType != "blank" {
+		parts = append(parts, "from "+d.SourceType+" "+d.Source)
+	}
+	return strings.Join(parts, ", ")
+}
+
+func encryptionSummary(d *volume.DiskInfo, keyRef string) string {
+	if !d.Encrypted {
+		return "not encrypted"
+	}
+	switch keyRef {
+	case "":
+		return "encrypted with " + keystore.ServiceAlias + " " + d.KMSKeyID
+	case d.KMSKeyID:
+		return "encrypted with " + d.KMSKeyID
+	}
+	return "encrypted with " + keyRef + " " + d.KMSKeyID
+}
+
+func runDiskList(c *cli.Context) error {
+	if err := needArgs(c, "VOL"); err != nil {
+		return err
+	}
+	var ds []volume.DiskInfo
+	if err := volumeCall(c, c.Args().First(), opDiskList, nil, &ds); err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		if ds == nil {
+			ds = []volume.DiskInfo{}
+		}
+		return printJSON(c, ds)
+	}
+	if len(ds) == 0 {
+		fmt.Fprintf(c.App.Writer, "no disks in %s\n", c.Args().First())
+		return nil
+	}
+	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tID\tSIZE\tUSED\tCATEGORY\tROLE\tENCRYPTION\tSTATUS")
+	for i := range ds {
+		d := &ds[i]
+		enc := "-"
+		if d.Encrypted {
+			enc = d.KMSKeyID
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.Name, d.ID, humanSize(d.Size), humanSize(d.Allocated),
+			d.Category, d.Role, enc, d.Status)
+	}
+	return tw.Flush()
+}
+
+func runDiskShow(c *cli.Context) error {
+	if err := needArgs(c, "VOL", "NAME"); err != nil {
+		return err
+	}
+	var d volume.DiskInfo
+	if err := volumeCall(c, c.Args().Get(0), opDiskShow, nameArgs{c.Args().Get(1)}, &d); err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c, d)
+	}
+	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 1, ' ', 0)
+	row := func(k, v string) {
+		if v != "" {
+			fmt.Fprintf(tw, "%s:\t%s\n", k, v)
+		}
+	}
+	row("name", d.Name)
+	row("id", d.ID)
+	row("size", fmt.Sprintf("%s (%d bytes)", humanSize(d.Size), d.Size))
+	row("allocated", fmt.Sprintf("%s (%d bytes)", humanSize(d.Allocated), d.Allocated))
+	row("category", d.Category)
+	row("role", d.Role)
+	if d.Encrypted {
+		row("encrypted", "yes, key "+d.KMSKeyID)
+	} else {
+		row("encrypted", "no")
+	}
+	row("status", d.Status)
+	src := d.SourceType
+	if d.Source != "" {
+		src += " " + d.Source
+	}
+	row("source", src)
+	if !d.Created.IsZero() {
+		row("created", d.Created.Local().Format(time.RFC3339))
+	}
+	row("open by", strings.Join(d.OpenBy, ", "))
+	return tw.Flush()
+}
+
+// diskNameCommand is a command of the form `disk VERB VOL NAME`.
+func diskNameCommand(name, usage, op, done string) *cli.Command {
+	return &cli.Command{
+		Name:      name,
+		Usage:     usage,
+		ArgsUsage: "VOL NAME",
+		Flags:     []cli.Flag{jsonFlag()},
+		Action: func(c *cli.Context) error {
+			if err := needArgs(c, "VOL", "NAME"); err != nil {
+				return err
+			}
+			var d volume.DiskInfo
+			if err := volumeCall(c, c.Args().Get(0), op, nameArgs{c.Args().Get(1)}, &d); err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c, d)
+			}
+			fmt.Fprintf(c.App.Writer, "%s disk %s (%s, %s)\n", done, d.Name, d.ID, humanSize(d.Size))
+			return nil
+		},
+	}
+}
+
+func runDiskResize(c *cli.Context) error {
+	if err := needArgs(c, "VOL", "NAME"); err != nil {
+		return err
+	}
+	if !c.IsSet("size") {
+		return usageErrorf("disk resize: missing --size")
+	}
+	size, err := parseSize("size", c.String("size"))
+	if err != nil {
+		return err
+	}
+	var d volume.DiskInfo
+	if err := volumeCall(c, c.Args().Get(0), opDiskResize, resizeArgs{c.Args().Get(1), size}, &d); err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c, d)
+	}
+	fmt.Fprintf(c.App.Writer, "resized disk %s (%s) to %s\n", d.Name, d.ID, humanSize(d.Size))
+	return nil
+}
+
+// printJSON prints v as indented JSON.
+func printJSON(c *cli.Context, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(c.App.Writer, "%s\n", b)
+	return err
+}

@@ -1,0 +1,323 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/encdisk/encdisk/config"
+	"github.com/encdisk/encdisk/keystore"
+	"github.com/encdisk/encdisk/volume"
+	"github.com/urfave/cli/v2"
+	"golang.org/x/term"
+)
+
+// Environment variables (see helpExtra in main.go).
+const (
+	envKeystore       = "ENCDISK_KEYSTORE"
+	envPassphraseFile = "ENCDISK_PASSPHRASE_FILE"
+	envRootKeyFile    = "ENCDISK_ROOT_KEY_FILE"
+	// envTestFastKDF, set to 1, makes `encdisk init` create keystores with
+	// keystore.TestParams, whose KDF costs nothing. Test-only: such a
+	// keystore resists no passphrase guessing. Undocumented in --help.
+	envTestFastKDF = "ENCDISK_TEST_FAST_KDF"
+)
+
+const defaultRegion = "cn-hangzhou"
+
+// globalFlags are accepted before the command and on every command.
+func globalFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "keystore", Usage: "keystore `DIR` (default: $" + envKeystore + ", the volume's record, config.toml, ~/.encdisk/keystore)"},
+		&cli.StringFlag{Name: "passphrase-file", Usage: "read the keystore passphrase from `FILE` (default: $" + envPassphraseFile + ")"},
+		&cli.StringFlag{Name: "root-key-file", Usage: "unlock the keystore with the root key in `FILE` instead of a passphrase (default: $" + envRootKeyFile + ")"},
+		&cli.StringFlag{Name: "config", Usage: "config `FILE` (default: $" + config.Env + ", ~/.encdisk/config.toml, " + config.SystemPath + ")"},
+	}
+}
+
+// flagString returns the value of a string flag set on the command or on any
+// command above it (global flags are defined at every level; the innermost
+// one set wins).
+func flagString(c *cli.Context, name string) string {
+	for _, cc := range c.Lineage() {
+		for _, n := range cc.LocalFlagNames() {
+			if n == name {
+				return cc.String(name)
+			}
+		}
+	}
+	return ""
+}
+
+// env is the settings that come from flags, the environment and the config,
+// resolved once per command.
+type env struct {
+	c   *cli.Context
+	cfg *config.Config
+
+	keystoreDir    string // "" if not given by flag, env or config
+	keystoreSource string // where keystoreDir came from, for messages
+	passphraseFile string
+	rootKeyFile    string
+}
+
+func loadEnv(c *cli.Context) (*env, error) {
+	cfg, err := config.Load(flagString(c, "config"))
+	if err != nil {
+		return nil, withHint(err, "fix the file, or choose another with --config FILE or %s", config.Env)
+	}
+	e := &env{c: c, cfg: cfg}
+	switch {
+	case flagString(c, "keystore") != "":
+		e.keystoreDir, e.keystoreSource = flagString(c, "keystore"), "--keystore"
+	case os.Getenv(envKeystore) != "":
+		e.keystoreDir, e.keystoreSource = os.Getenv(envKeystore), envKeystore
+	}
+	if e.keystoreDir != "" {
+		if e.keystoreDir, err = filepath.Abs(e.keystoreDir); err != nil {
+			return nil, err
+		}
+	}
+	e.passphraseFile = firstNonEmpty(flagString(c, "passphrase-file"), os.Getenv(envPassphraseFile))
+	e.rootKeyFile = firstNonEmpty(flagString(c, "root-key-file"), os.Getenv(envRootKeyFile))
+	if e.passphraseFile == "" && e.rootKeyFile == "" {
+		e.passphraseFile, e.rootKeyFile = cfg.PassphraseFile, cfg.RootKeyFile
+	}
+	if e.passphraseFile != "" && e.rootKeyFile != "" {
+		return nil, withHint(errors.New("both a passphrase file and a root key file are given"),
+			"a keystore is sealed under one of them; give only --passphrase-file (%s) or --root-key-file (%s)", envPassphraseFile, envRootKeyFile)
+	}
+	return e, nil
+}
+
+func firstNonEmpty(s ...string) string {
+	for _, v := range s {
+		if v != "" {
+			return v
+		}
+	}
+	return ""
+}
+
+// region is the --region flag, else the config's region, else the default.
+func (e *env) region() string {
+	if r := flagString(e.c, "region"); r != "" {
+		return r
+	}
+	return firstNonEmpty(e.cfg.Region, defaultRegion)
+}
+
+// defaultKeystoreDir is where a keystore goes when nothing says otherwise.
+func defaultKeystoreDir() (string, error) {
+	home, err := os.UserHomeDir()
+	if err != nil || home == "" {
+		return "", withHint(errors.New("no home directory for the default keystore location"),
+			"give --keystore DIR or set %s", envKeystore)
+	}
+	return filepath.Join(home, ".encdisk", "keystore"), nil
+}
+
+// keystoreFor finds the keystore of the volume in volDir ("" for commands
+// without a volume): flag, environment, the volume's record, config,
+// default.
+func (e *env) keystoreFor(volDir string) (dir, source string, err error) {
+	if e.keystoreDir != "" {
+		return e.keystoreDir, e.keystoreSource, nil
+	}
+	if volDir != "" {
+		if info, err := volume.ReadInfo(volDir); err == nil && info.KeystoreDir != "" {
+			return info.KeystoreDir, "the volume's record", nil
+		}
+	}
+	if e.cfg.Keystore != "" {
+		return e.cfg.Keystore, e.cfg.Path, nil
+	}
+	d, err := defaultKeystoreDir()
+	return d, "the default location", err
+}
+
+// secretFor returns the secret that unlocks the keystore in dir: a root key
+// file or passphrase file if one is configured, else a passphrase typed at
+// the terminal (twice when confirm is set, for a new keystore).
+func (e *env) secret(dir string, confirm bool) (keystore.Secret, error) {
+	if e.rootKeyFile != "" {
+		p, err := filepath.Abs(e.rootKeyFile)
+		if err != nil {
+			return keystore.Secret{}, err
+		}
+		return keystore.Secret{KeyFile: p}, nil
+	}
+	if e.passphraseFile != "" {
+		pw, err := readPassphraseFile(e.passphraseFile)
+		if err != nil {
+			return keystore.Secret{}, err
+		}
+		return keystore.Secret{Passphrase: pw}, nil
+	}
+	if !term.IsTerminal(int(os.Stdin.Fd())) {
+		return keystore.Secret{}, withHint(
+			fmt.Errorf("the keystore %s needs its passphrase and there is no terminal to ask for it", dir),
+			"set %s to a file holding the passphrase (or %s for a key-file keystore)", envPassphraseFile, envRootKeyFile)
+	}
+	pw, err := prompt(fmt.Sprintf("Passphrase for keystore %s: ", dir))
+	if err != nil {
+		return keystore.Secret{}, err
+	}
+	if len(pw) == 0 {
+		return keystore.Secret{}, errors.New("empty passphrase")
+	}
+	if confirm {
+		again, err := prompt("Repeat the passphrase: ")
+		if err != nil {
+			wipeBytes(pw)
+			return keystore.Secret{}, err
+		}
+		same := bytes.Equal(pw, again)
+		wipeBytes(again)
+		if !same {
+			wipeBytes(pw)
+			return keystore.Secret{}, errors.New("the passphrases do not match")
+		}
+	}
+	return keystore.Secret{Passphrase: pw}, nil
+}
+
+func prompt(msg string) ([]byte, error) {
+	fmt.Fprint(os.Stderr, msg)
+	pw, err := term.ReadPassword(int(os.Stdin.Fd()))
+	fmt.Fprintln(os.Stderr)
+	if err != nil {
+		return nil, fmt.Errorf("read passphrase: %w", err)
+	}
+	return pw, nil
+}
+
+// readPassphraseFile reads a passphrase: the file's content without one
+// trailing newline.
+func readPassphraseFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, withHint(fmt.Errorf("passphrase file: %w", err), "%s and --passphrase-file name a file holding the passphrase", envPassphraseFile)
+	}
+	defer f.Close()
+	buf := make([]byte, 4097)
+	n, _ := f.Read(buf)
+	for n < len(buf) {
+		m, err := f.Read(buf[n:])
+		n += m
+		if err != nil || m == 0 {
+			break
+		}
+	}
+	if n > 4096 {
+		wipeBytes(buf)
+		return nil, fmt.Errorf("passphrase file %s: longer than 4096 bytes", path)
+	}
+	pw := buf[:n]
+	pw = bytes.TrimSuffix(pw, []byte("\n"))
+	pw = bytes.TrimSuffix(pw, []byte("\r"))
+	if len(pw) == 0 {
+		return nil, fmt.Errorf("passphrase file %s is empty", path)
+	}
+	return pw, nil
+}
+
+// wipeBytes zeroes b. Go may have copied the bytes elsewhere (the garbage
+// collector moves nothing, but conversions and appends copy); this narrows
+// the window, it does not close it.
+func wipeBytes(b []byte) {
+	clear(b)
+}
+
+func wipeSecret(s *keystore.Secret) {
+	wipeBytes(s.Passphrase)
+	s.Passphrase = nil
+}
+
+// unlock opens the keystore in dir with the configured secret.
+func (e *env) unlock(dir, source string) (*keystore.Keystore, error) {
+	if !keystore.Exists(dir) {
+		return nil, withHint(fmt.Errorf("no keystore at %s (from %s): %w", dir, source, keystore.ErrNoKeystore),
+			"create one with `encdisk init VOL --keystore DIR`, or point to it with --keystore DIR or %s", envKeystore)
+	}
+	s, err := e.secret(dir, false)
+	if err != nil {
+		return nil, err
+	}
+	defer wipeSecret(&s)
+	return keystore.Open(dir, s)
+}
+
+// kmsAdapter lets a volume use the keystore as its KMS, as the block-storage
+// service principal.
+type kmsAdapter struct{ ks *keystore.Keystore }
+
+var _ volume.KMS = kmsAdapter{}
+
+func (a kmsAdapter) GenerateDataKey(region, keyRef string, n int, ctx map[string]string) (dk, wrapped []byte, keyID string, err error) {
+	if keyRef == "" {
+		k, err := a.ks.ServiceKey(region)
+		if err != nil {
+			return nil, nil, "", err
+		}
+		keyRef = k.ID
+	}
+	return a.ks.GenerateDataKey(region, keyRef, keystore.PrincipalECS, n, ctx)
+}
+
+func (a kmsAdapter) Decrypt(region string, wrapped []byte, ctx map[string]string) ([]byte, error) {
+	dk, _, err := a.ks.Decrypt(region, keystore.PrincipalECS, wrapped, ctx)
+	return dk, err
+}
+
+// lazyKMS unlocks the keystore on first use, so commands that need no key
+// never ask for a passphrase.
+type lazyKMS struct {
+	e      *env
+	volDir string
+
+	mu  sync.Mutex
+	ks  *keystore.Keystore
+	err error
+}
+
+func (l *lazyKMS) get() (volume.KMS, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.ks == nil && l.err == nil {
+		dir, source, err := l.e.keystoreFor(l.volDir)
+		if err == nil {
+			l.ks, err = l.e.unlock(dir, source)
+		}
+		l.err = err
+	}
+	if l.err != nil {
+		return nil, l.err
+	}
+	return kmsAdapter{l.ks}, nil
+}
+
+func (l *lazyKMS) close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.ks != nil {
+		l.ks.Close()
+		l.ks = nil
+	}
+}
+
+// isInside reports whether path is dir or below it.
+func isInside(path, dir string) bool {
+	path, dir = filepath.Clean(path), filepath.Clean(dir)
+	if r, err := filepath.EvalSymlinks(path); err == nil {
+		path = r
+	}
+	if r, err := filepath.EvalSymlinks(dir); err == nil {
+		dir = r
+	}
+	return path == dir || strings.HasPrefix(path, dir+string(filepath.Separator))
+}

@@ -1,0 +1,594 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/encdisk/encdisk/control"
+	"github.com/encdisk/encdisk/fs"
+	"github.com/encdisk/encdisk/keystore"
+	"github.com/encdisk/encdisk/volume"
+	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
+)
+
+// The mount daemon.
+//
+// `encdisk mount VOL MP` resolves the keystore and its secret (prompting if
+// need be), then re-executes itself with --foreground --daemon-child in a new
+// session, its output going to VOL/daemon.log. The secret travels through a
+// pipe (fd 3), never through argv or the environment; the child reports on a
+// second pipe (fd 4) once the mount is live, or why it failed, and the parent
+// exits with that outcome. With --foreground the same daemon runs in the
+// calling process.
+//
+// The daemon owns the volume (it holds its lock), serves management commands
+// on the volume's control socket, records VOL and its pid for `encdisk umount
+// MP` in the runtime directory, and on SIGINT/SIGTERM, `encdisk umount` or
+// umount(8) unmounts, closes the volume (flush, wipe keys) and exits.
+
+func mountCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "mount",
+		Usage:     "show the attached disks of a volume as files under MOUNTPOINT",
+		ArgsUsage: "VOL MOUNTPOINT",
+		Description: "Mounts VOL at MOUNTPOINT (created if missing) with FUSE; each attached disk is a\n" +
+			"file there. Runs as a daemon unless --foreground; its log is VOL/daemon.log. While\n" +
+			"mounted, the daemon owns the volume and every volume command is sent to it.\n" +
+			"The keystore is unlocked when mounting, so encrypted disks can be created and\n" +
+			"attached later without a passphrase. Needs root (mount(2)).",
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "foreground", Usage: "stay in the foreground (log to stderr) until unmounted"},
+			&cli.BoolFlag{Name: "allow-other", Usage: "let users other than root use the mount (file permissions apply)"},
+			&cli.BoolFlag{Name: "debug-fuse", Usage: "log every FUSE request (very verbose)"},
+			&cli.BoolFlag{Name: "daemon-child", Hidden: true},
+		},
+		Action: runMount,
+	}
+}
+
+func umountCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "umount",
+		Usage:     "unmount a mounted volume: flush, unmount, wipe the keys",
+		ArgsUsage: "MOUNTPOINT",
+		Flags:     []cli.Flag{&cli.DurationFlag{Name: "timeout", Value: time.Minute, Usage: "how long to wait for the daemon to exit"}},
+		Action:    runUmount,
+	}
+}
+
+// daemonSecret is what the parent hands the daemon child through fd 3.
+type daemonSecret struct {
+	Keystore   string `json:"keystore,omitempty"` // "" when there is no keystore
+	Passphrase []byte `json:"passphrase,omitempty"`
+	KeyFile    string `json:"key_file,omitempty"`
+}
+
+// daemonReady is what the child reports through fd 4.
+type daemonReady struct {
+	OK    bool   `json:"ok"`
+	PID   int    `json:"pid"`
+	Error string `json:"error,omitempty"`
+	Hint  string `json:"hint,omitempty"`
+	Kind  string `json:"kind,omitempty"`
+}
+
+type mountArgs struct {
+	vol, mp       string // as the user wrote them
+	absVol, absMP string
+	allowOther    bool
+	debug         bool
+}
+
+func runMount(c *cli.Context) error {
+	if err := needArgs(c, "VOL", "MOUNTPOINT"); err != nil {
+		return err
+	}
+	a := mountArgs{vol: c.Args().Get(0), mp: c.Args().Get(1), allowOther: c.Bool("allow-other"), debug: c.Bool("debug-fuse")}
+	var err error
+	if a.absVol, err = filepath.Abs(a.vol); err != nil {
+		return err
+	}
+	if a.absMP, err = filepath.Abs(a.mp); err != nil {
+		return err
+	}
+	if c.Bool("daemon-child") {
+		return runDaemonChild(c, a)
+	}
+	if err := checkMount(a); err != nil {
+		return err
+	}
+	e, err := loadEnv(c)
+	if err != nil {
+		return err
+	}
+	sec, err := mountSecret(e, a.absVol)
+	if err != nil {
+		return err
+	}
+	if c.Bool("foreground") {
+		return runDaemon(c, a, sec, func(err error) {
+			if err == nil {
+				fmt.Fprintf(c.App.Writer, "mounted %s at %s (pid %d)\n", a.vol, a.mp, os.Getpid())
+			}
+		})
+	}
+	return spawnDaemon(c, a, sec)
+}
+
+// checkMount refuses early what the daemon would refuse later.
+func checkMount(a mountArgs) error {
+	if _, err := volume.ReadInfo(a.absVol); err != nil {
+		return volError(err, a.vol)
+	}
+	if st, err := daemonStatusOf(a.absVol); err == nil {
+		return withHint(fmt.Errorf("%s is already mounted at %s (pid %d)", a.vol, st.Mountpoint, st.PID),
+			"unmount it first with `encdisk umount %s`", st.Mountpoint)
+	}
+	if fi, err := os.Stat(a.absMP); err == nil && !fi.IsDir() {
+		return fmt.Errorf("mount point %s is not a directory", a.mp)
+	}
+	if mounted, _ := isMountpoint(a.absMP); mounted {
+		return withHint(fmt.Errorf("%s is already a mount point", a.mp), "choose another directory, or unmount it first")
+	}
+	if isInside(a.absMP, a.absVol) {
+		return fmt.Errorf("mount point %s is inside the volume %s", a.mp, a.vol)
+	}
+	return nil
+}
+
+// mountSecret finds the volume's keystore and reads its secret (prompting if
+// there is a terminal). A volume without a reachable keystore mounts without
+// one: its unencrypted disks work, encrypted ones are refused.
+func mountSecret(e *env, absVol string) (*daemonSecret, error) {
+	dir, _, err := e.keystoreFor(absVol)
+	if err != nil || !keystore.Exists(dir) {
+		return &daemonSecret{}, nil
+	}
+	s, err := e.secret(dir, false)
+	if err != nil {
+		return nil, err
+	}
+	return &daemonSecret{Keystore: dir, Passphrase: s.Passphrase, KeyFile: s.KeyFile}, nil
+}
+
+func (s *daemonSecret) wipe() {
+	wipeBytes(s.Passphrase)
+	s.Passphrase = nil
+}
+
+// spawnDaemon starts the daemon child and waits until it reports.
+func spawnDaemon(c *cli.Context, a mountArgs, sec *daemonSecret) error {
+	defer sec.wipe()
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("find encdisk's executable: %w", err)
+	}
+	logPath := filepath.Join(a.absVol, "daemon.log")
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("daemon log: %w", err)
+	}
+	defer logf.Close()
+	logf.Chmod(0o600)
+	secR, secW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		secR.Close()
+		secW.Close()
+		return err
+	}
+	defer readyR.Close()
+	args := []string{"mount", "--foreground", "--daemon-child"}
+	if a.allowOther {
+		args = append(args, "--allow-other")
+	}
+	if a.debug {
+		args = append(args, "--debug-fuse")
+	}
+	args = append(args, "--", a.absVol, a.absMP)
+	cmd := exec.Command(exe, args...)
+	cmd.Args[0] = "encdisk"
+	cmd.Dir = "/"
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = []*os.File{secR, readyW}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = cmd.Start()
+	secR.Close()
+	readyW.Close()
+	if err != nil {
+		secW.Close()
+		return fmt.Errorf("start the mount daemon: %w", err)
+	}
+	b, err := json.Marshal(sec)
+	if err == nil {
+		_, err = secW.Write(b)
+	}
+	wipeBytes(b)
+	secW.Close()
+	if err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		return fmt.Errorf("hand the secret to the mount daemon: %w", err)
+	}
+
+	var r daemonReady
+	line, rerr := bufio.NewReader(readyR).ReadBytes('\n')
+	if rerr == nil {
+		rerr = json.Unmarshal(line, &r)
+	}
+	if rerr == nil && r.OK {
+		cmd.Process.Release()
+		fmt.Fprintf(c.App.Writer, "mounted %s at %s (pid %d)\n", a.vol, a.mp, cmd.Process.Pid)
+		return nil
+	}
+	werr := cmd.Wait()
+	if rerr == nil && r.Error != "" {
+		return &control.Error{Message: r.Error, Hint: r.Hint, Kind: r.Kind, Code: exitError}
+	}
+	return withHint(fmt.Errorf("the mount daemon exited before the mount was ready (%v)", werr),
+		"see %s:%s", logPath, tail(logPath, 5))
+}
+
+// tail returns the last n lines of a file, indented, for an error message.
+func tail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return "\n    " + strings.Join(lines, "\n    ")
+}
+
+// runDaemonChild is the daemon side of spawnDaemon.
+func runDaemonChild(c *cli.Context, a mountArgs) error {
+	secF := os.NewFile(3, "secret")
+	readyF := os.NewFile(4, "ready")
+	if secF == nil || readyF == nil {
+		return errors.New("--daemon-child is internal to `encdisk mount`")
+	}
+	var sec daemonSecret
+	b, err := io.ReadAll(io.LimitReader(secF, 1<<20))
+	secF.Close()
+	if err == nil {
+		err = json.Unmarshal(b, &sec)
+	}
+	wipeBytes(b)
+	report := func(err error) {
+		r := daemonReady{OK: err == nil, PID: os.Getpid()}
+		if err != nil {
+			r.Error, r.Hint, r.Kind = err.Error(), hintFor(volError(err, a.vol)), errKind(err)
+		}
+		b, _ := json.Marshal(r)
+		readyF.Write(append(b, '\n'))
+		readyF.Close()
+	}
+	if err != nil {
+		err = fmt.Errorf("read the secret from the parent: %w", err)
+		report(err)
+		return err
+	}
+	// Detach from the caller's stdin (stdout/stderr go to daemon.log).
+	if devnull, err := os.Open(os.DevNull); err == nil {
+		unix.Dup2(int(devnull.Fd()), 0)
+		devnull.Close()
+	}
+	return runDaemon(c, a, &sec, report)
+}
+
+// daemonStatus is the answer to daemon.status and daemon.umount.
+type daemonStatus struct {
+	PID        int       `json:"pid"`
+	Volume     string    `json:"volume"`
+	Mountpoint string    `json:"mountpoint"`
+	Started    time.Time `json:"started"`
+}
+
+// runDaemon mounts and serves until the mount goes away. ready is called
+// once: with nil when the mount is live, or with the error that stopped it.
+func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)) (err error) {
+	readyOnce := sync.OnceFunc(func() { ready(err) })
+	defer func() {
+		if err != nil {
+			readyOnce()
+		}
+	}()
+	defer sec.wipe()
+
+	// Keys live in this process: no core dumps, no ptrace by other users,
+	// and nothing it creates (socket, log, record) readable by others.
+	unix.Umask(0o077)
+	if perr := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); perr != nil {
+		log.Printf("encdisk: prctl(PR_SET_DUMPABLE): %v", perr)
+	}
+	logger := log.New(os.Stderr, "", log.LstdFlags)
+	logger.Printf("mount %s at %s (pid %d)", a.absVol, a.absMP, os.Getpid())
+
+	var ks *keystore.Keystore
+	if sec.Keystore != "" {
+		s := keystore.Secret{Passphrase: sec.Passphrase, KeyFile: sec.KeyFile}
+		ks, err = keystore.Open(sec.Keystore, s)
+		sec.wipe()
+		if err != nil {
+			return err
+		}
+		defer ks.Close()
+	}
+	kms := func() (volume.KMS, error) {
+		if ks == nil {
+			return nil, fmt.Errorf("the volume was mounted without a keystore: %w", volume.ErrNoKMS)
+		}
+		return kmsAdapter{ks}, nil
+	}
+	v, err := volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: logger.Printf})
+	if err != nil {
+		if errors.Is(err, volume.ErrLocked) {
+			return withHint(fmt.Errorf("%s is in use by another encdisk process: %w", a.vol, err),
+				"it may be mounted already, or a command is running on it; try again")
+		}
+		return err
+	}
+	defer func() {
+		if cerr := v.Close(); cerr != nil {
+			logger.Printf("close volume: %v", cerr)
+			if err == nil {
+				err = cerr
+			}
+		}
+		logger.Printf("volume closed, keys wiped")
+	}()
+
+	st := daemonStatus{PID: os.Getpid(), Volume: a.absVol, Mountpoint: a.absMP, Started: time.Now().UTC()}
+	var (
+		fsrv *fs.Server
+		opMu sync.Mutex
+	)
+	handler := func(ctx context.Context, op string, args json.RawMessage) (any, error) {
+		switch op {
+		case opDaemonStatus:
+			return st, nil
+		case opDaemonUmount:
+			logger.Printf("unmount requested")
+			if err := fsrv.Unmount(); err != nil {
+				logger.Printf("unmount: %v", err)
+				return nil, toControlError(withHint(fmt.Errorf("cannot unmount %s: %w", a.absMP, err),
+					"something still uses a disk: unmount the file systems on it and detach loop devices (`losetup -D`), then retry"))
+			}
+			return st, nil
+		}
+		opMu.Lock()
+		defer opMu.Unlock()
+		res, err := dispatch(v, op, args)
+		if err != nil {
+			logger.Printf("%s: %v", op, err)
+			return nil, toControlError(err)
+		}
+		logger.Printf("%s: ok", op)
+		return res, nil
+	}
+	sock := volume.SocketPath(a.absVol)
+	os.Remove(sock) // we hold the volume's lock: any socket there is stale
+	srv, err := control.Listen(socketAddr(sock), handler)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+
+	if err := os.MkdirAll(a.absMP, 0o755); err != nil {
+		return fmt.Errorf("mount point: %w", err)
+	}
+	fsrv, err = fs.Mount(a.absMP, backend{v}, fs.Options{AllowOther: a.allowOther, Debug: a.debug, Logger: logger})
+	if err != nil {
+		if os.Geteuid() != 0 {
+			return withHint(err, "mounting needs root")
+		}
+		return err
+	}
+	go srv.Serve()
+
+	recPath, rerr := writeRecord(st)
+	if rerr != nil {
+		logger.Printf("runtime record: %v (`encdisk umount` will fall back to umount(2))", rerr)
+	} else {
+		defer os.Remove(recPath)
+	}
+
+	sigc := make(chan os.Signal, 2)
+	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigc)
+	go func() {
+		for sig := range sigc {
+			if sig == syscall.SIGHUP {
+				continue // the session leader went away; keep serving
+			}
+			logger.Printf("%v: unmounting", sig)
+			if err := fsrv.Unmount(); err != nil {
+				logger.Printf("unmount: %v (still mounted; send the signal again to retry)", err)
+			}
+		}
+	}()
+
+	logger.Printf("mounted")
+	readyOnce()
+	fsrv.Wait()
+	logger.Printf("unmounted %s", a.absMP)
+	srv.Close()
+	return nil
+}
+
+// Runtime records: one small JSON file per mount point, so `encdisk umount
+// MOUNTPOINT` finds the daemon (and its volume's socket).
+
+func runtimeDir() string {
+	if d := os.Getenv("ENCDISK_RUNTIME_DIR"); d != "" {
+		return d
+	}
+	if os.Geteuid() == 0 {
+		return "/run/encdisk"
+	}
+	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+		return filepath.Join(d, "encdisk")
+	}
+	return filepath.Join(os.TempDir(), "encdisk-"+strconv.Itoa(os.Geteuid()))
+}
+
+func recordPath(absMP string) string {
+	h := sha256.Sum256([]byte(absMP))
+	return filepath.Join(runtimeDir(), hex.EncodeToString(h[:12])+".json")
+}
+
+func writeRecord(st daemonStatus) (string, error) {
+	p := recordPath(st.Mountpoint)
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return "", err
+	}
+	b, err := json.Marshal(st)
+	if err != nil {
+		return "", err
+	}
+	tmp := p + ".tmp" + strconv.Itoa(os.Getpid())
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return "", err
+	}
+	return p, os.Rename(tmp, p)
+}
+
+func readRecord(absMP string) (*daemonStatus, error) {
+	b, err := os.ReadFile(recordPath(absMP))
+	if err != nil {
+		return nil, err
+	}
+	var st daemonStatus
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, err
+	}
+	return &st, nil
+}
+
+// daemonStatusOf asks the volume's daemon who it is.
+func daemonStatusOf(absVol string) (*daemonStatus, error) {
+	var st daemonStatus
+	if err := control.Call(socketAddr(volume.SocketPath(absVol)), opDaemonStatus, nil, &st, 5*time.Second); err != nil {
+		return nil, err
+	}
+	return &st, nil
+}
+
+// isMountpoint reports whether path is listed in /proc/self/mountinfo.
+func isMountpoint(path string) (bool, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) > 4 && unescapeMountinfo(fields[4]) == path {
+			return true, nil
+		}
+	}
+	return false, sc.Err()
+}
+
+// unescapeMountinfo undoes the octal escapes (\040 for space …) of mountinfo.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func processAlive(pid int) bool {
+	err := unix.Kill(pid, 0)
+	return err == nil || errors.Is(err, unix.EPERM)
+}
+
+func runUmount(c *cli.Context) error {
+	if err := needArgs(c, "MOUNTPOINT"); err != nil {
+		return err
+	}
+	mp := c.Args().First()
+	absMP, err := filepath.Abs(mp)
+	if err != nil {
+		return err
+	}
+	if st, err := readRecord(absMP); err == nil && processAlive(st.PID) {
+		var got daemonStatus
+		err := control.Call(socketAddr(volume.SocketPath(st.Volume)), opDaemonUmount, nil, &got, 2*time.Minute)
+		switch {
+		case err == nil:
+			if got.PID == 0 {
+				got = *st
+			}
+			if !waitExit(got.PID, c.Duration("timeout")) {
+				return withHint(fmt.Errorf("unmounted %s, but its daemon (pid %d) has not exited after %v", mp, got.PID, c.Duration("timeout")),
+					"it may still be flushing; see %s", filepath.Join(got.Volume, "daemon.log"))
+			}
+			fmt.Fprintf(c.App.Writer, "unmounted %s (volume %s)\n", mp, got.Volume)
+			return nil
+		case !errors.Is(err, control.ErrNoDaemon):
+			return err
+		}
+	}
+	// No daemon answers for this mount point: unmount directly; if a
+	// daemon does own it, it sees the mount go away and shuts down.
+	mounted, _ := isMountpoint(absMP)
+	if !mounted {
+		return fmt.Errorf("%s is not mounted", mp)
+	}
+	if err := unix.Unmount(absMP, 0); err != nil {
+		if errors.Is(err, unix.EBUSY) {
+			return withHint(fmt.Errorf("cannot unmount %s: %w", mp, err),
+				"something still uses a disk: unmount the file systems on it and detach loop devices (`losetup -D`), then retry")
+		}
+		return fmt.Errorf("unmount %s: %w", mp, err)
+	}
+	fmt.Fprintf(c.App.ErrWriter, "encdisk: no encdisk daemon answered for %s; unmounted it with umount(2)\n", mp)
+	fmt.Fprintf(c.App.Writer, "unmounted %s\n", mp)
+	return nil
+}
+
+func waitExit(pid int, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for processAlive(pid) {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return true
+}

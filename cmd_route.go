@@ -1,0 +1,328 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/encdisk/encdisk/control"
+	"github.com/encdisk/encdisk/keystore"
+	"github.com/encdisk/encdisk/volume"
+	"github.com/urfave/cli/v2"
+)
+
+// Management operations (SPEC section 4). Every volume command is one
+// operation: an op name and JSON arguments. dispatch runs it on an open
+// volume; the same function serves the mount daemon's socket and the direct
+// path of an unmounted volume, so both behave alike by construction.
+
+// Operation names.
+const (
+	opVolumeInfo = "volume.info"
+	opDiskCreate = "disk.create"
+	opDiskList   = "disk.list"
+	opDiskShow   = "disk.show"
+	opDiskAttach = "disk.attach"
+	opDiskDetach = "disk.detach"
+	opDiskResize = "disk.resize"
+	opDiskDelete = "disk.delete"
+
+	// Daemon-only operations, answered by the mount daemon itself.
+	opDaemonStatus = "daemon.status"
+	opDaemonUmount = "daemon.umount"
+)
+
+type nameArgs struct {
+	Name string `json:"name"`
+}
+
+type resizeArgs struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+}
+
+// dispatch runs op with args on v.
+func dispatch(v *volume.Volume, op string, args json.RawMessage) (any, error) {
+	switch op {
+	case opVolumeInfo:
+		return v.Info(), nil
+	case opDiskCreate:
+		var o volume.CreateDiskOptions
+		if err := decodeArgs(op, args, &o); err != nil {
+			return nil, err
+		}
+		return v.CreateDisk(o)
+	case opDiskList:
+		if err := decodeArgs(op, args, nil); err != nil {
+			return nil, err
+		}
+		return v.ListDisks()
+	case opDiskShow, opDiskAttach, opDiskDetach, opDiskDelete:
+		var a nameArgs
+		if err := decodeArgs(op, args, &a); err != nil {
+			return nil, err
+		}
+		switch op {
+		case opDiskShow:
+			return v.ShowDisk(a.Name)
+		case opDiskAttach:
+			return v.AttachDisk(a.Name)
+		case opDiskDetach:
+			return v.DetachDisk(a.Name)
+		default:
+			return v.DeleteDisk(a.Name)
+		}
+	case opDiskResize:
+		var a resizeArgs
+		if err := decodeArgs(op, args, &a); err != nil {
+			return nil, err
+		}
+		return v.ResizeDisk(a.Name, a.Size)
+	}
+	return nil, fmt.Errorf("unknown operation %q (is the mount daemon an older encdisk? remount the volume)", op)
+}
+
+// decodeArgs decodes args strictly: an unknown field means the two sides
+// disagree about the operation, which must not pass silently.
+func decodeArgs(op string, args json.RawMessage, dst any) error {
+	if len(args) == 0 || bytes.Equal(args, []byte("null")) {
+		if dst == nil {
+			return nil
+		}
+		return fmt.Errorf("%s: missing arguments", op)
+	}
+	if dst == nil {
+		dst = &struct{}{}
+	}
+	dec := json.NewDecoder(bytes.NewReader(args))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(dst); err != nil {
+		return fmt.Errorf("%s: bad arguments: %v", op, err)
+	}
+	return nil
+}
+
+// Routing.
+
+// callTimeout bounds one management call to a daemon.
+const callTimeout = 10 * time.Minute
+
+// volumeCall runs op on the volume in dir: through its mount daemon when it
+// is mounted, else directly. The result is decoded into result in both cases
+// (the direct path also goes through JSON, so the output cannot differ).
+func volumeCall(c *cli.Context, dir, op string, args, result any) error {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	sock := socketAddr(volume.SocketPath(abs))
+	for attempt := 0; ; attempt++ {
+		err := control.Call(sock, op, args, result, callTimeout)
+		if !errors.Is(err, control.ErrNoDaemon) {
+			return volError(err, dir)
+		}
+		err = directCall(c, abs, op, args, result)
+		if !errors.Is(err, volume.ErrLocked) {
+			return volError(err, dir)
+		}
+		// Locked but no daemon answered: a mount daemon starting up (it
+		// takes the lock before it listens), or another command running.
+		if attempt >= 15 {
+			return volError(err, dir)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// directCall opens the volume, runs op and closes it.
+func directCall(c *cli.Context, abs, op string, args, result any) error {
+	e, err := loadEnv(c)
+	if err != nil {
+		return err
+	}
+	kms := &lazyKMS{e: e, volDir: abs}
+	defer kms.close()
+	v, err := volume.Open(abs, volume.OpenOptions{KMS: kms.get})
+	if err != nil {
+		return err
+	}
+	// We hold the lock, so no daemon owns the volume: a socket file left
+	// there is stale (a daemon killed with -9).
+	if sock := volume.SocketPath(abs); fileExists(sock) {
+		os.Remove(sock)
+	}
+	raw, err := json.Marshal(args)
+	if err != nil {
+		v.Close()
+		return err
+	}
+	res, err := dispatch(v, op, raw)
+	if cerr := v.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("close volume: %w", cerr)
+	}
+	if err != nil {
+		return err
+	}
+	if result == nil {
+		return nil
+	}
+	b, err := json.Marshal(res)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(b, result)
+}
+
+func fileExists(p string) bool {
+	_, err := os.Lstat(p)
+	return err == nil
+}
+
+// socketAddr shortens a socket path that is too long for sun_path (108
+// bytes) to one relative to the working directory, when that helps.
+func socketAddr(p string) string {
+	const max = 107
+	if len(p) <= max {
+		return p
+	}
+	if wd, err := os.Getwd(); err == nil {
+		if rel, err := filepath.Rel(wd, p); err == nil && len(rel) < len(p) {
+			return rel
+		}
+	}
+	return p
+}
+
+// Errors.
+
+// Error kinds: a short name per sentinel error, carried by control.Error
+// across the socket so the command line words the same hint for an error
+// from the daemon as for one met directly.
+var errorKinds = []struct {
+	err  error
+	kind string
+}{
+	{volume.ErrNotVolume, "not_volume"},
+	{volume.ErrVolumeExists, "volume_exists"},
+	{volume.ErrNewerFormat, "newer_format"},
+	{volume.ErrLocked, "locked"},
+	{volume.ErrNotFound, "not_found"},
+	{volume.ErrExists, "exists"},
+	{volume.ErrBadName, "bad_name"},
+	{volume.ErrBadSize, "bad_size"},
+	{volume.ErrInUse, "in_use"},
+	{volume.ErrShrink, "shrink"},
+	{volume.ErrNotAttached, "not_attached"},
+	{volume.ErrAttached, "attached"},
+	{volume.ErrRule, "rule"},
+	{volume.ErrNoKMS, "no_kms"},
+	{keystore.ErrWrongSecret, "wrong_secret"},
+	{keystore.ErrNoKeystore, "no_keystore"},
+	{keystore.ErrKeyNotFound, "key_not_found"},
+	{keystore.ErrUnauthorized, "unauthorized"},
+	{keystore.ErrDisabled, "key_disabled"},
+	{keystore.ErrPendingDeletion, "key_pending_deletion"},
+	{keystore.ErrPendingImport, "key_pending_import"},
+	{keystore.ErrServiceKey, "service_key"},
+}
+
+func errKind(err error) string {
+	var ce *control.Error
+	if errors.As(err, &ce) {
+		return ce.Kind
+	}
+	for _, k := range errorKinds {
+		if errors.Is(err, k.err) {
+			return k.kind
+		}
+	}
+	return ""
+}
+
+// volErr remembers which volume (as the user wrote it) an error is about,
+// for hints.
+type volErr struct {
+	err error
+	vol string
+}
+
+func (e *volErr) Error() string { return e.err.Error() }
+func (e *volErr) Unwrap() error { return e.err }
+
+func volError(err error, vol string) error {
+	if err == nil {
+		return nil
+	}
+	return &volErr{err, vol}
+}
+
+// hintFor words advice for err, or "".
+func hintFor(err error) string {
+	var h *hinted
+	if errors.As(err, &h) {
+		return h.hint
+	}
+	vol := "VOL"
+	var ve *volErr
+	if errors.As(err, &ve) {
+		vol = ve.vol
+	}
+	switch errKind(err) {
+	case "not_volume":
+		return fmt.Sprintf("create one with `encdisk init %s`", vol)
+	case "locked":
+		return fmt.Sprintf("another encdisk process holds %s; if its mount daemon is starting or stopping, try again in a moment", vol)
+	case "not_found":
+		return fmt.Sprintf("list the disks with `encdisk disk list %s`", vol)
+	case "exists":
+		return fmt.Sprintf("choose another name; `encdisk disk list %s` shows the names in use", vol)
+	case "in_use":
+		return "close it first: unmount the file system on it and detach its loop device (`losetup -d`)"
+	case "shrink":
+		return "give a size larger than the current one (`encdisk disk show VOL NAME`)"
+	case "not_attached":
+		return fmt.Sprintf("attach it with `encdisk disk attach %s NAME`", vol)
+	case "attached":
+		return fmt.Sprintf("detach it first with `encdisk disk detach %s NAME`", vol)
+	case "wrong_secret":
+		return fmt.Sprintf("check the passphrase; scripts can set %s to a file holding it (%s for a key-file keystore)", envPassphraseFile, envRootKeyFile)
+	case "no_keystore", "no_kms":
+		return fmt.Sprintf("create one with `encdisk init VOL --keystore DIR`, or point to it with --keystore DIR or %s", envKeystore)
+	case "key_not_found":
+		return "list the keys with `encdisk key list` (keys belong to a region: check --region)"
+	case "unauthorized":
+		return "authorize encdisk to use the key: `encdisk key grant KEY --principal ecs`"
+	case "key_disabled":
+		return "enable it with `encdisk key enable KEY`, or use another key"
+	case "newer_format":
+		return "this volume was written by a newer encdisk"
+	}
+	var ce *control.Error
+	if errors.As(err, &ce) {
+		return ce.Hint
+	}
+	return ""
+}
+
+// remoteCode is the exit code a daemon asked for, or 0.
+func remoteCode(err error) int {
+	var ce *control.Error
+	if errors.As(err, &ce) && ce.Code > 0 && ce.Code < 126 {
+		return ce.Code
+	}
+	return 0
+}
+
+// toControlError is how the daemon sends an error back.
+func toControlError(err error) *control.Error {
+	code := exitError
+	var ue *usageError
+	if errors.As(err, &ue) {
+		code = exitUsage
+	}
+	return &control.Error{Message: err.Error(), Hint: hintFor(err), Code: code, Kind: errKind(err)}
+}
