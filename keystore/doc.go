@@ -80,9 +80,16 @@
 //	rotation_interval_seconds   automatic rotation interval, 7 to 730 days; omitted: none
 //	deletion_date     RFC 3339; present exactly when state is PendingDeletion
 //	material_expires  RFC 3339; imported material only; omitted: never
-//	material_check    HMAC-SHA-256(MAC key, "encdisk-cmk v1 byok material" 0x00
-//	                  material) of imported material, kept after the material is
-//	                  deleted or expires so that only the same material can come back
+//	material_check    HMAC-SHA-256(MAC key, "encdisk-cmk v1 byok material" 0x00 id
+//	                  0x00 material) of imported material, base64; kept after the
+//	                  material is deleted or expires, so only the same material comes back
+//	import            present between ImportParams and Import (BYOK):
+//	  .token_sha256       SHA-256 of the import token, base64 (the token is not stored)
+//	  .expires            RFC 3339 time the token stops working (24 h after issue)
+//	  .nonce              12 bytes, base64
+//	  .sealed_private_key PKCS #8 RSA-2048 private key sealed with AES-256-GCM under
+//	                      the seal key, AAD "encdisk-cmk v1 import key" 0x00 region
+//	                      0x00 id
 //	primary_version   the version GenerateDataKey uses: the last one; 0 when none
 //	versions          [{version, created, nonce, sealed_material}], numbered 1, 2, ...;
 //	                  empty while PendingImport. sealed_material is AES-256-GCM under the

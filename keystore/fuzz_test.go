@@ -59,6 +59,8 @@ func seedKeyFiles(t testing.TB) [][]byte {
 	kf = base()
 	kf.Origin, kf.State = OriginExternal, StatePendingImport
 	add(kf)
+	kf.Import = &pendingImport{TokenHash: bytes.Repeat([]byte{1}, 32), Expires: exp, Nonce: bytes.Repeat([]byte{2}, nonceSize), PrivateKey: bytes.Repeat([]byte{3}, 1234)}
+	add(kf)
 	kf = base()
 	kf.Origin, kf.State, kf.MaterialExpires, kf.MaterialCheck = OriginExternal, StateDisabled, &exp, bytes.Repeat([]byte{9}, 32)
 	ks.sealVersion(kf, m, now)

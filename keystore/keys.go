@@ -141,10 +141,12 @@ type keyFile struct {
 	MaterialExpires *time.Time `json:"material_expires,omitempty"`
 	// MaterialCheck identifies imported (BYOK) material, so that only the same
 	// material can be imported again: HMAC-SHA-256 under the metadata key.
-	MaterialCheck  []byte       `json:"material_check,omitempty"`
-	PrimaryVersion int          `json:"primary_version"`
-	Versions       []keyVersion `json:"versions"`
-	MAC            []byte       `json:"mac,omitempty"`
+	MaterialCheck []byte `json:"material_check,omitempty"`
+	// Import holds the wrapping key of the latest ImportParams, while it is valid.
+	Import         *pendingImport `json:"import,omitempty"`
+	PrimaryVersion int            `json:"primary_version"`
+	Versions       []keyVersion   `json:"versions"`
+	MAC            []byte         `json:"mac,omitempty"`
 }
 
 type policy struct {
@@ -298,6 +300,18 @@ func (kf *keyFile) validate() error {
 	}
 	if kf.MaterialCheck != nil && len(kf.MaterialCheck) != 32 {
 		return fmt.Errorf("bad material check")
+	}
+	if kf.Origin == OriginExternal {
+		if len(kf.Versions) > 1 || (len(kf.Versions) == 1 && kf.MaterialCheck == nil) {
+			return fmt.Errorf("imported material without check")
+		}
+	} else if kf.MaterialCheck != nil || kf.Import != nil {
+		return fmt.Errorf("import data on a kms key")
+	}
+	if im := kf.Import; im != nil {
+		if len(im.TokenHash) != 32 || len(im.Nonce) != nonceSize || len(im.PrivateKey) < tagSize || len(im.PrivateKey) > 4096 {
+			return fmt.Errorf("bad import parameters")
+		}
 	}
 	return nil
 }
