@@ -137,9 +137,6 @@ func Create(dir string, secret Secret, p Params) (*Keystore, error) {
 	if err := secret.check(); err != nil {
 		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
 	}
-	if p == (Params{}) {
-		p = DefaultParams
-	}
 	if Exists(dir) {
 		return nil, fmt.Errorf("keystore: create %s: a keystore %w there", dir, ErrExists)
 	}
@@ -159,29 +156,12 @@ func Create(dir string, secret Secret, p Params) (*Keystore, error) {
 		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
 	}
 
-	kd := kdfDesc{Salt: randomBytes(saltSize)}
-	if secret.KeyFile != "" {
-		kd.Name = kdfKeyFile
-	} else {
-		if err := p.validate(); err != nil {
-			return nil, fmt.Errorf("keystore: create %s: %w: %w", dir, err, ErrInvalid)
-		}
-		kd.Name, kd.Time, kd.MemoryKiB, kd.Threads = kdfArgon2id, p.Time, p.MemoryKiB, p.Threads
-	}
-	wrapKey, err := deriveWrapKey(kd, secret)
-	if err != nil {
-		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
-	}
-	defer wipe(wrapKey)
 	kek := randomBytes(keySize)
 	defer wipe(kek)
-	rf := rootFile{Format: rootFormat, Version: rootVersion, Created: time.Now().UTC().Round(0), KDF: kd}
-	rf.SealedKEK.Nonce, rf.SealedKEK.Ciphertext = seal(wrapKey, kek, kekAAD(kd))
-	data, err := json.MarshalIndent(rf, "", "  ")
+	data, err := sealRoot(secret, p, kek, time.Now().UTC().Round(0))
 	if err != nil {
 		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
 	}
-	data = append(data, '\n')
 
 	lk, err := lockDir(dir)
 	if err != nil {
@@ -209,40 +189,114 @@ func Create(dir string, secret Secret, p Params) (*Keystore, error) {
 // wrapping ErrWrongSecret; a missing keystore ErrNoKeystore; a damaged keystore.json
 // ErrCorrupt.
 func Open(dir string, secret Secret) (*Keystore, error) {
-	if err := secret.check(); err != nil {
+	_, kek, err := unsealKEK(dir, secret)
+	if err != nil {
 		return nil, fmt.Errorf("keystore: open %s: %w", dir, err)
+	}
+	defer wipe(kek)
+	return newKeystore(dir, kek), nil
+}
+
+// unsealKEK reads keystore.json and unseals the KEK with secret. The caller must wipe
+// the KEK.
+func unsealKEK(dir string, secret Secret) (*rootFile, []byte, error) {
+	if err := secret.check(); err != nil {
+		return nil, nil, err
 	}
 	data, err := readFileLimited(filepath.Join(dir, rootName))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("keystore: open %s: %w", dir, ErrNoKeystore)
+			return nil, nil, ErrNoKeystore
 		}
-		return nil, fmt.Errorf("keystore: open %s: %w", dir, err)
+		return nil, nil, err
 	}
 	rf, err := decodeRootFile(data)
 	if err != nil {
-		return nil, fmt.Errorf("keystore: open %s: %s: %w", dir, rootName, err)
+		return nil, nil, fmt.Errorf("%s: %w", rootName, err)
 	}
 	switch {
 	case rf.KDF.Name == kdfKeyFile && secret.KeyFile == "":
-		return nil, fmt.Errorf("keystore: open %s: it is sealed under a root key file, not a passphrase: %w", dir, ErrWrongSecret)
+		return nil, nil, fmt.Errorf("it is sealed under a root key file, not a passphrase: %w", ErrWrongSecret)
 	case rf.KDF.Name == kdfArgon2id && secret.KeyFile != "":
-		return nil, fmt.Errorf("keystore: open %s: it is sealed under a passphrase, not a root key file: %w", dir, ErrWrongSecret)
+		return nil, nil, fmt.Errorf("it is sealed under a passphrase, not a root key file: %w", ErrWrongSecret)
 	}
 	wrapKey, err := deriveWrapKey(rf.KDF, secret)
 	if err != nil {
-		return nil, fmt.Errorf("keystore: open %s: %w", dir, err)
+		return nil, nil, err
 	}
 	kek, ok := open(wrapKey, rf.SealedKEK.Nonce, rf.SealedKEK.Ciphertext, kekAAD(rf.KDF))
 	wipe(wrapKey)
 	if !ok {
-		return nil, fmt.Errorf("keystore: open %s: %w", dir, ErrWrongSecret)
+		return nil, nil, ErrWrongSecret
+	}
+	if len(kek) != keySize {
+		wipe(kek)
+		return nil, nil, fmt.Errorf("sealed KEK is %d bytes: %w", len(kek), ErrCorrupt)
+	}
+	return rf, kek, nil
+}
+
+// sealRoot makes the content of keystore.json: kek sealed under a key derived from
+// secret (with Argon2id parameters p for a passphrase).
+func sealRoot(secret Secret, p Params, kek []byte, created time.Time) ([]byte, error) {
+	if p == (Params{}) {
+		p = DefaultParams
+	}
+	kd := kdfDesc{Salt: randomBytes(saltSize)}
+	if secret.KeyFile != "" {
+		kd.Name = kdfKeyFile
+	} else {
+		if err := p.validate(); err != nil {
+			return nil, fmt.Errorf("%w: %w", err, ErrInvalid)
+		}
+		kd.Name, kd.Time, kd.MemoryKiB, kd.Threads = kdfArgon2id, p.Time, p.MemoryKiB, p.Threads
+	}
+	wrapKey, err := deriveWrapKey(kd, secret)
+	if err != nil {
+		return nil, err
+	}
+	defer wipe(wrapKey)
+	rf := rootFile{Format: rootFormat, Version: rootVersion, Created: created, KDF: kd}
+	rf.SealedKEK.Nonce, rf.SealedKEK.Ciphertext = seal(wrapKey, kek, kekAAD(kd))
+	data, err := json.MarshalIndent(rf, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(data, '\n'), nil
+}
+
+// ChangeSecret re-seals the keystore in dir under a new root secret (a new passphrase,
+// or a switch between passphrase and key file). Key files are untouched: they are
+// sealed under the KEK, which does not change. Handles already open stay valid.
+func ChangeSecret(dir string, old, new Secret, p Params) error {
+	if err := new.check(); err != nil {
+		return fmt.Errorf("keystore: change secret of %s: new secret: %w", dir, err)
+	}
+	if !Exists(dir) {
+		return fmt.Errorf("keystore: change secret of %s: %w", dir, ErrNoKeystore)
+	}
+	lk, err := lockDir(dir)
+	if err != nil {
+		return fmt.Errorf("keystore: change secret of %s: %w", dir, err)
+	}
+	defer lk.unlock()
+	rf, kek, err := unsealKEK(dir, old)
+	if err != nil {
+		return fmt.Errorf("keystore: change secret of %s: %w", dir, err)
 	}
 	defer wipe(kek)
-	if len(kek) != keySize {
-		return nil, fmt.Errorf("keystore: open %s: sealed KEK is %d bytes: %w", dir, len(kek), ErrCorrupt)
+	data, err := sealRoot(new, p, kek, rf.Created)
+	if err != nil {
+		return fmt.Errorf("keystore: change secret of %s: %w", dir, err)
 	}
-	return newKeystore(dir, kek), nil
+	if err := writeFileAtomic(filepath.Join(dir, rootName), data); err != nil {
+		return fmt.Errorf("keystore: change secret of %s: %w", dir, err)
+	}
+	ks := &Keystore{dir: dir, now: time.Now}
+	if err := ks.audit(auditEntry{Action: "ChangeSecret", Principal: PrincipalOwner, Result: "ok"}); err != nil {
+		return fmt.Errorf("keystore: change secret of %s: done but not recorded: %w", dir, err)
+	}
+	return nil
 }
 
 // decodeRootFile parses and checks keystore.json. Every error wraps ErrCorrupt.

@@ -234,3 +234,43 @@ func TestClose(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestChangeSecret(t *testing.T) {
+	ks := newTestKeystore(t)
+	dir := ks.Dir()
+	dk, blob, _, err := ks.GenerateDataKey(region, ServiceAlias, PrincipalECS, 64, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newPass := Secret{Passphrase: []byte("new passphrase")}
+	if err := ChangeSecret(dir, Secret{Passphrase: []byte("wrong")}, newPass, TestParams); !errors.Is(err, ErrWrongSecret) {
+		t.Fatalf("ChangeSecret with a wrong old secret: %v", err)
+	}
+	if err := ChangeSecret(dir, testPass, newPass, TestParams); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dir, testPass); !errors.Is(err, ErrWrongSecret) {
+		t.Fatalf("old passphrase after change: %v", err)
+	}
+	kf := filepath.Join(t.TempDir(), "root.key")
+	if err := GenerateKeyFile(kf); err != nil {
+		t.Fatal(err)
+	}
+	if err := ChangeSecret(dir, newPass, Secret{KeyFile: kf}, Params{}); err != nil {
+		t.Fatal(err)
+	}
+	ks2, err := Open(dir, Secret{KeyFile: kf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ks2.Close()
+	for _, h := range []*Keystore{ks, ks2} { // the old handle keeps working
+		got, _, err := h.Decrypt(region, PrincipalECS, blob, nil)
+		if err != nil || !bytes.Equal(got, dk) {
+			t.Fatalf("Decrypt after ChangeSecret: %v", err)
+		}
+	}
+	if err := ChangeSecret(filepath.Join(t.TempDir(), "none"), testPass, newPass, TestParams); !errors.Is(err, ErrNoKeystore) {
+		t.Fatalf("ChangeSecret without a keystore: %v", err)
+	}
+}
