@@ -94,9 +94,9 @@ type Store struct {
 	// must find every committed tree's data as it was.
 	decNodes, decBlocks                     map[uint64]bool
 	committingDecNodes, committingDecBlocks map[uint64]bool
-	hwm        uint64
-	nextNode   uint64
-	nextTree   uint64
+	hwm                                     uint64
+	nextNode                                uint64
+	nextTree                                uint64
 
 	dirtyNodes     map[uint64]bool // true: write; false: delete
 	dirtyNodeRefs  map[uint64]bool

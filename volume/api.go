@@ -1,0 +1,112 @@
+package volume
+
+import (
+	"errors"
+	"time"
+)
+
+// FormatVersion is the on-disk format version this code writes and reads.
+const FormatVersion = 1
+
+// Disk categories (SPEC section 2).
+const (
+	CategoryESSD       = "cloud_essd"
+	CategorySSD        = "cloud_ssd"
+	CategoryEfficiency = "cloud_efficiency"
+	CategoryBasic      = "cloud"
+	CategoryLocal      = "local"
+)
+
+// Disk statuses, as the cloud names them.
+const (
+	StatusAvailable = "Available" // detached
+	StatusInUse     = "In_use"    // attached: shown under the mount point
+)
+
+// Sentinel errors. Messages are complete sentences for users; wrap them with context.
+var (
+	ErrNotVolume    = errors.New("not an encdisk volume (run `encdisk init DIR` first)")
+	ErrVolumeExists = errors.New("a volume already exists there")
+	ErrNewerFormat  = errors.New("volume format is newer than this encdisk understands; upgrade encdisk")
+	ErrLocked       = errors.New("the volume is in use by another encdisk process")
+	ErrNotFound     = errors.New("no such disk")
+	ErrExists       = errors.New("a disk with that name already exists")
+	ErrBadName      = errors.New("invalid name")
+	ErrBadSize      = errors.New("invalid size")
+	ErrInUse        = errors.New("disk is in use")
+	ErrShrink       = errors.New("disks can only grow")
+	ErrNotAttached  = errors.New("disk is not attached")
+	ErrAttached     = errors.New("disk is attached")
+	ErrRule         = errors.New("not allowed") // a cloud rule (SPEC section 3) refuses the operation
+	ErrNoKMS        = errors.New("no keystore available")
+)
+
+// KMS is what a volume needs from a key management service: envelope
+// encryption of per-disk data keys. The file keystore is one implementation;
+// the command layer adapts it (principal, service-key creation).
+type KMS interface {
+	// GenerateDataKey returns a new random data key of n bytes, its wrapped
+	// form bound to ctx, and the id of the CMK that wrapped it. keyRef is a
+	// key id or alias; "" means the region's service key (alias/acs/ecs).
+	GenerateDataKey(region, keyRef string, n int, ctx map[string]string) (dk, wrapped []byte, keyID string, err error)
+	// Decrypt unwraps a data key produced by GenerateDataKey with the same ctx.
+	Decrypt(region string, wrapped []byte, ctx map[string]string) (dk []byte, err error)
+}
+
+// InitOptions configure a new volume.
+type InitOptions struct {
+	Region      string // e.g. "cn-hangzhou"
+	KeystoreDir string // recorded (absolute) so later commands can find the keystore
+}
+
+// Info describes a volume.
+type Info struct {
+	ID          string    `json:"id"`
+	Dir         string    `json:"dir"`
+	Region      string    `json:"region"`
+	KeystoreDir string    `json:"keystore,omitempty"`
+	Format      int       `json:"format"`
+	Created     time.Time `json:"created"`
+}
+
+// OpenOptions configure Open.
+type OpenOptions struct {
+	// KMS returns the key service, unlocking it on first call (it may prompt).
+	// Nil means no keystore: encrypted disks cannot be created or attached.
+	KMS func() (KMS, error)
+	// Daemon is true for the mounting process: attached encrypted disks have
+	// their data keys unwrapped and kept (locked) in memory for I/O.
+	Daemon bool
+	// Logf logs daemon-side events; nil discards.
+	Logf func(format string, args ...any)
+}
+
+// CreateDiskOptions are the arguments of CreateDisk (SPEC section 7).
+type CreateDiskOptions struct {
+	Name      string `json:"name"`
+	Size      int64  `json:"size"`     // bytes; 0 with Snapshot/Image means the source's size
+	Category  string `json:"category"` // default cloud_essd
+	System    bool   `json:"system"`
+	Encrypted bool   `json:"encrypted"`
+	KMSKeyID  string `json:"kms_key_id,omitempty"`
+	Snapshot  string `json:"snapshot,omitempty"`
+	Image     string `json:"image,omitempty"`
+	Detached  bool   `json:"detached"`
+}
+
+// DiskInfo describes a disk.
+type DiskInfo struct {
+	ID         string    `json:"id"`
+	Name       string    `json:"name"`
+	Size       int64     `json:"size"`
+	Allocated  int64     `json:"allocated"`
+	Category   string    `json:"category"`
+	Role       string    `json:"role"` // "system" or "data"
+	Encrypted  bool      `json:"encrypted"`
+	KMSKeyID   string    `json:"kms_key_id,omitempty"`
+	Status     string    `json:"status"`
+	SourceType string    `json:"source_type"` // "blank", "snapshot" or "image"
+	Source     string    `json:"source,omitempty"`
+	Created    time.Time `json:"created"`
+	OpenBy     []string  `json:"open_by,omitempty"` // while mounted: who has it open
+}

@@ -1,0 +1,370 @@
+package volume
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"syscall"
+
+	"github.com/encdisk/encdisk/blockcrypt"
+	"github.com/encdisk/encdisk/snapshots"
+)
+
+// Disk is an open disk: the data path the mount serves. Safe for concurrent
+// use. Each sector is encrypted with the disk's data key and its logical
+// sector number as the XTS tweak, so blocks shared with snapshots never need
+// re-encryption.
+type Disk struct {
+	v        *Volume
+	d        *disk
+	tree     snapshots.TreeID
+	cipher   *blockcrypt.Cipher // nil: unencrypted
+	writable bool
+}
+
+// maxChunk bounds the scratch memory one request uses.
+const maxChunk = 1 << 20
+
+type scratch struct {
+	buf    []byte
+	blocks []uint64
+	fresh  []bool
+}
+
+var scratchPool = sync.Pool{New: func() any {
+	n := maxChunk / SectorSize
+	return &scratch{buf: make([]byte, maxChunk), blocks: make([]uint64, n), fresh: make([]bool, n)}
+}}
+
+// OpenDisk opens an attached disk for I/O (the mount's data path). who
+// names the opener for "in use by" messages.
+func (v *Volume) OpenDisk(name string, writable bool, who string) (*Disk, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	d, err := v.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	if d.rec.Status != StatusInUse {
+		return nil, fmt.Errorf("volume: open disk %s: %w", name, ErrNotAttached)
+	}
+	if d.rec.Encrypted && d.cipher == nil {
+		if d.keyErr != nil {
+			return nil, fmt.Errorf("volume: open disk %s: %w", name, d.keyErr)
+		}
+		// Not a daemon (tests, or direct use): load the key now.
+		if err := v.loadKey(d); err != nil {
+			return nil, fmt.Errorf("volume: open disk %s: %w", name, err)
+		}
+	}
+	h := &Disk{v: v, d: d, tree: snapshots.TreeID(d.rec.Tree), cipher: d.cipher, writable: writable}
+	d.opens[h] = who
+	return h, nil
+}
+
+// Close releases this open.
+func (h *Disk) Close() error {
+	h.v.mu.Lock()
+	defer h.v.mu.Unlock()
+	delete(h.d.opens, h)
+	return nil
+}
+
+// Size is the disk's size in bytes.
+func (h *Disk) Size() int64 {
+	h.v.mu.Lock()
+	defer h.v.mu.Unlock()
+	return h.d.rec.Size
+}
+
+// Allocated is the storage the disk's data uses, shared blocks included.
+func (h *Disk) Allocated() int64 {
+	return int64(h.v.st.Mapped(h.tree)) * SectorSize
+}
+
+// Resize grows the disk (ResizeDisk).
+func (h *Disk) Resize(size int64) error {
+	_, err := h.v.ResizeDisk(h.d.rec.Name, size)
+	if errors.Is(err, ErrShrink) || errors.Is(err, ErrBadSize) {
+		return fmt.Errorf("%w: %w", syscall.EINVAL, err)
+	}
+	return err
+}
+
+// Sync makes every write so far durable.
+func (h *Disk) Sync() error { return h.v.st.Commit(nil) }
+
+// ReadAt reads like a file: short with io.EOF at the end of the disk.
+func (h *Disk) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, syscall.EINVAL
+	}
+	size := h.Size()
+	if off >= size {
+		return 0, io.EOF
+	}
+	n := len(p)
+	var eof error
+	if int64(n) > size-off {
+		n, eof = int(size-off), io.EOF
+	}
+	sc := scratchPool.Get().(*scratch)
+	defer scratchPool.Put(sc)
+	done := 0
+	for done < n {
+		pos := off + int64(done)
+		if pos%SectorSize == 0 && n-done >= SectorSize {
+			// Whole sectors straight into p.
+			m := min(n-done, maxChunk) &^ (SectorSize - 1)
+			if err := h.readSectors(p[done:done+m], uint64(pos/SectorSize), sc); err != nil {
+				return done, err
+			}
+			done += m
+			continue
+		}
+		// A partial sector: read it whole, copy the part asked for.
+		sector := pos / SectorSize
+		in := int(pos - sector*SectorSize)
+		m := min(n-done, SectorSize-in)
+		buf := sc.buf[:SectorSize]
+		if err := h.readSectors(buf, uint64(sector), sc); err != nil {
+			return done, err
+		}
+		copy(p[done:done+m], buf[in:])
+		done += m
+	}
+	return n, eof
+}
+
+// readSectors fills p (whole sectors, at most maxChunk) from first.
+func (h *Disk) readSectors(p []byte, first uint64, sc *scratch) error {
+	ns := len(p) / SectorSize
+	blocks := sc.blocks[:ns]
+	st := h.v.st
+	st.BeginIO()
+	defer st.EndIO()
+	if err := st.Lookup(h.tree, first, blocks); err != nil {
+		return h.ioErr("read", err)
+	}
+	for i := 0; i < ns; {
+		j := i + 1
+		if blocks[i] == 0 {
+			for j < ns && blocks[j] == 0 {
+				j++
+			}
+			clear(p[i*SectorSize : j*SectorSize])
+			i = j
+			continue
+		}
+		for j < ns && blocks[j] == blocks[j-1]+1 {
+			j++
+		}
+		seg := p[i*SectorSize : j*SectorSize]
+		if k, err := st.Pool().ReadAt(seg, snapshots.BlockOffset(blocks[i])); err != nil {
+			if err == io.EOF && k < len(seg) {
+				err = snapshots.ErrShortPool
+			}
+			return h.ioErr("read", err)
+		}
+		if h.cipher != nil {
+			h.cipher.DecryptSectors(seg, seg, first+uint64(i))
+		}
+		i = j
+	}
+	return nil
+}
+
+func (h *Disk) ioErr(op string, err error) error {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return fmt.Errorf("volume: %s disk %s: %w", op, h.d.rec.Name, err)
+	}
+	// Corrupt metadata or a damaged data file: the guest sees EIO.
+	return fmt.Errorf("volume: %s disk %s: %w: %w", op, h.d.rec.Name, syscall.EIO, err)
+}
+
+func (h *Disk) checkWrite(off int64, n int) error {
+	if !h.writable {
+		return fmt.Errorf("volume: disk %s is open read-only: %w", h.d.rec.Name, syscall.EBADF)
+	}
+	if off < 0 {
+		return syscall.EINVAL
+	}
+	if size := h.Size(); off+int64(n) > size {
+		return fmt.Errorf("volume: write past the end of disk %s (%d bytes; grow it with `encdisk disk resize`): %w", h.d.rec.Name, size, syscall.ENOSPC)
+	}
+	return nil
+}
+
+// WriteAt writes at any offset and length inside the disk; partial sectors
+// are read, modified and written back.
+func (h *Disk) WriteAt(p []byte, off int64) (int, error) {
+	if err := h.checkWrite(off, len(p)); err != nil {
+		return 0, err
+	}
+	sc := scratchPool.Get().(*scratch)
+	defer scratchPool.Put(sc)
+	done := 0
+	for done < len(p) {
+		pos := off + int64(done)
+		if pos%SectorSize == 0 && len(p)-done >= SectorSize {
+			m := min(len(p)-done, maxChunk) &^ (SectorSize - 1)
+			if err := h.writeSectors(p[done:done+m], uint64(pos/SectorSize), sc); err != nil {
+				return done, err
+			}
+			done += m
+			continue
+		}
+		sector := pos / SectorSize
+		in := int(pos - sector*SectorSize)
+		m := min(len(p)-done, SectorSize-in)
+		if err := h.modifySector(uint64(sector), in, p[done:done+m], m, sc); err != nil {
+			return done, err
+		}
+		done += m
+	}
+	return len(p), nil
+}
+
+// modifySector replaces part of one sector with data, or with n zeros when
+// data is nil; a sector left all zeros by that becomes a hole.
+func (h *Disk) modifySector(sector uint64, in int, data []byte, n int, sc *scratch) error {
+	mu := &h.d.rmw[sector%uint64(len(h.d.rmw))]
+	mu.Lock()
+	defer mu.Unlock()
+	buf := make([]byte, SectorSize) // sc.buf is used by writeSectors below
+	if err := h.readSectors(buf, sector, sc); err != nil {
+		return err
+	}
+	if data == nil {
+		clear(buf[in : in+n])
+		if allZero(buf) {
+			st := h.v.st
+			st.BeginIO()
+			defer st.EndIO()
+			if err := st.Discard(h.tree, sector, 1); err != nil {
+				return h.ioErr("discard", err)
+			}
+			return nil
+		}
+	} else {
+		copy(buf[in:], data)
+	}
+	return h.writeSectors(buf, sector, sc)
+}
+
+// writeSectors writes whole sectors (at most maxChunk) from first.
+func (h *Disk) writeSectors(p []byte, first uint64, sc *scratch) error {
+	ns := len(p) / SectorSize
+	src := p
+	if h.cipher != nil {
+		src = sc.buf[:len(p)]
+		h.cipher.EncryptSectors(src, p, first)
+	}
+	blocks, fresh := sc.blocks[:ns], sc.fresh[:ns]
+	st := h.v.st
+	st.BeginIO()
+	defer st.EndIO()
+	if err := st.PrepareWrite(h.tree, first, blocks, fresh); err != nil {
+		return h.ioErr("write", err)
+	}
+	for i := 0; i < ns; {
+		j := i + 1
+		for j < ns && blocks[j] == blocks[j-1]+1 {
+			j++
+		}
+		seg := src[i*SectorSize : j*SectorSize]
+		if _, err := st.Pool().WriteAt(seg, snapshots.BlockOffset(blocks[i])); err != nil {
+			st.Abort(blocks, fresh)
+			return h.ioErr("write", err)
+		}
+		i = j
+	}
+	if err := st.Publish(h.tree, first, blocks, fresh); err != nil {
+		return h.ioErr("write", err)
+	}
+	return nil
+}
+
+// Discard punches a hole: the range reads as zeros and its space is given
+// back (unless a snapshot shares it). Partial sectors at the edges are zeroed.
+func (h *Disk) Discard(off, length int64) error {
+	if err := h.checkWrite(off, 0); err != nil {
+		return err
+	}
+	size := h.Size()
+	end := min(off+length, size)
+	if length < 0 {
+		return syscall.EINVAL
+	}
+	if off >= end {
+		return nil
+	}
+	sc := scratchPool.Get().(*scratch)
+	defer scratchPool.Put(sc)
+	first := (off + SectorSize - 1) / SectorSize
+	last := end / SectorSize // exclusive
+	if first > last {        // inside one sector
+		return h.modifySector(uint64(off/SectorSize), int(off%SectorSize), nil, int(end-off), sc)
+	}
+	if head := first*SectorSize - off; head > 0 {
+		if err := h.modifySector(uint64(off/SectorSize), int(off%SectorSize), nil, int(head), sc); err != nil {
+			return err
+		}
+	}
+	if tail := end - last*SectorSize; tail > 0 {
+		if err := h.modifySector(uint64(last), 0, nil, int(tail), sc); err != nil {
+			return err
+		}
+	}
+	if last > first {
+		h.v.st.BeginIO()
+		err := h.v.st.Discard(h.tree, uint64(first), uint64(last-first))
+		h.v.st.EndIO()
+		if err != nil {
+			return h.ioErr("discard", err)
+		}
+	}
+	return nil
+}
+
+// SeekData is lseek(SEEK_DATA): the first offset >= off holding data.
+func (h *Disk) SeekData(off int64) (int64, error) {
+	size := h.Size()
+	if off < 0 || off >= size {
+		return 0, syscall.ENXIO
+	}
+	s, ok, err := h.v.st.SeekData(h.tree, uint64(off/SectorSize))
+	if err != nil {
+		return 0, h.ioErr("seek", err)
+	}
+	pos := int64(s) * SectorSize
+	if !ok || pos >= size {
+		return 0, syscall.ENXIO
+	}
+	return max(pos, off), nil
+}
+
+// SeekHole is lseek(SEEK_HOLE): the first offset >= off in a hole; the end
+// of the disk counts as one.
+func (h *Disk) SeekHole(off int64) (int64, error) {
+	size := h.Size()
+	if off < 0 || off >= size {
+		return 0, syscall.ENXIO
+	}
+	s, err := h.v.st.SeekHole(h.tree, uint64(off/SectorSize))
+	if err != nil {
+		return 0, h.ioErr("seek", err)
+	}
+	return min(max(int64(s)*SectorSize, off), size), nil
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}

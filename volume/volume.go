@@ -1,0 +1,776 @@
+package volume
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/encdisk/encdisk/blockcrypt"
+	"github.com/encdisk/encdisk/snapshots"
+	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
+)
+
+// Names of the files in a volume directory (docs/FORMAT.md).
+const (
+	headerFile = "volume.json"
+	metaFile   = "meta.db"
+	dataDir    = "data"
+	poolFile   = "pool"
+	lockFile   = "lock"
+
+	formatName = "encdisk-volume"
+
+	// SectorSize is the disk sector and encryption unit size.
+	SectorSize = snapshots.BlockSize
+	// MaxDiskSize is the largest disk a volume holds (the block map's reach).
+	MaxDiskSize = int64(snapshots.MaxSectors) * SectorSize
+
+	dataKeySize = blockcrypt.KeySize
+)
+
+var bucketDisks = []byte("disks")
+
+// SocketPath is where the mount daemon listens for management commands.
+func SocketPath(dir string) string { return filepath.Join(dir, "control.sock") }
+
+// header is volume.json: what a volume is, readable without its lock.
+type header struct {
+	Format      string    `json:"format"`
+	Version     int       `json:"version"`
+	ID          string    `json:"id"`
+	Region      string    `json:"region"`
+	KeystoreDir string    `json:"keystore,omitempty"`
+	Created     time.Time `json:"created"`
+}
+
+// diskRecord is a disk's catalogue entry, stored as JSON under its id in
+// the "disks" bucket.
+type diskRecord struct {
+	ID         string    `json:"id"`
+	Name       string    `json:"name"`
+	Size       int64     `json:"size"`
+	Category   string    `json:"category"`
+	Role       string    `json:"role"`
+	Encrypted  bool      `json:"encrypted"`
+	KMSKeyID   string    `json:"kms_key_id,omitempty"`
+	WrappedKey []byte    `json:"wrapped_key,omitempty"`
+	KeyOwner   string    `json:"key_owner,omitempty"` // disk id the data key was generated for
+	Status     string    `json:"status"`
+	SourceType string    `json:"source_type"`
+	Source     string    `json:"source,omitempty"`
+	Created    time.Time `json:"created"`
+	Tree       uint64    `json:"tree"`
+}
+
+// Volume is an open volume. While open it holds the volume's lock: one
+// process (the mount daemon, or a CLI command when nothing is mounted) owns it.
+type Volume struct {
+	dir  string
+	hdr  header
+	opts OpenOptions
+	lock *os.File
+	db   *bolt.DB
+	st   *snapshots.Store
+
+	mu     sync.Mutex       // the catalogue below, and each disk's opens and cipher
+	disks  map[string]*disk // by name
+	kms    KMS
+	closed bool
+
+	stopSync chan struct{}
+	syncDone chan struct{}
+}
+
+// disk is the in-memory state of one disk, shared by its opens.
+type disk struct {
+	rec    diskRecord
+	cipher *blockcrypt.Cipher // daemon: loaded while attached (nil if unencrypted)
+	keyErr error              // daemon: why the data key could not be loaded
+	opens  map[*Disk]string
+	rmw    [64]sync.Mutex // serialises read-modify-write of partial sectors
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
+// CheckName validates a disk, snapshot or image name: 1 to 63 letters,
+// digits, '.', '_' or '-', starting with a letter or digit.
+func CheckName(name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("%w %q: use 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrBadName, name)
+	}
+	return nil
+}
+
+func newID(prefix string) string {
+	b := make([]byte, 8)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return prefix + hex.EncodeToString(b)
+}
+
+// Init creates a new volume in dir (created if missing; it must not already
+// hold a volume, and must be empty).
+func Init(dir string, o InitOptions) (*Info, error) {
+	if o.Region == "" {
+		return nil, fmt.Errorf("volume: init %s: a region is required", dir)
+	}
+	if _, err := os.Stat(filepath.Join(dir, headerFile)); err == nil {
+		return nil, fmt.Errorf("volume: init %s: %w", dir, ErrVolumeExists)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("volume: init: %w", err)
+	}
+	if ents, err := os.ReadDir(dir); err != nil {
+		return nil, fmt.Errorf("volume: init: %w", err)
+	} else if len(ents) > 0 {
+		return nil, fmt.Errorf("volume: init %s: the directory is not empty; choose a new or empty directory", dir)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, dataDir), 0o700); err != nil {
+		return nil, fmt.Errorf("volume: init: %w", err)
+	}
+	db, err := bolt.Open(filepath.Join(dir, metaFile), 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		return nil, fmt.Errorf("volume: init: create metadata: %w", err)
+	}
+	err = snapshots.Create(db, filepath.Join(dir, dataDir, poolFile))
+	if err == nil {
+		err = db.Update(func(tx *bolt.Tx) error {
+			_, err := tx.CreateBucketIfNotExists(bucketDisks)
+			return err
+		})
+	}
+	if cerr := db.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("volume: init: %w", err)
+	}
+	h := header{
+		Format: formatName, Version: FormatVersion, ID: newID("v-"),
+		Region: o.Region, KeystoreDir: o.KeystoreDir, Created: time.Now().UTC().Truncate(time.Second),
+	}
+	b, _ := json.MarshalIndent(h, "", "  ")
+	// The header is written last: a directory without it is not a volume.
+	if err := writeFileAtomic(filepath.Join(dir, headerFile), append(b, '\n')); err != nil {
+		return nil, fmt.Errorf("volume: init: %w", err)
+	}
+	return h.info(dir), nil
+}
+
+func (h *header) info(dir string) *Info {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		abs = dir
+	}
+	return &Info{ID: h.ID, Dir: abs, Region: h.Region, KeystoreDir: h.KeystoreDir, Format: h.Version, Created: h.Created}
+}
+
+func readHeader(dir string) (*header, error) {
+	b, err := os.ReadFile(filepath.Join(dir, headerFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("volume: %s: %w", dir, ErrNotVolume)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("volume: %w", err)
+	}
+	var h header
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if err := dec.Decode(&h); err != nil || h.Format != formatName || h.ID == "" || h.Region == "" {
+		return nil, fmt.Errorf("volume: %s: %s is damaged or not an encdisk header: %w", dir, headerFile, ErrNotVolume)
+	}
+	if h.Version > FormatVersion {
+		return nil, fmt.Errorf("volume: %s: format version %d: %w", dir, h.Version, ErrNewerFormat)
+	}
+	if h.Version < 1 {
+		return nil, fmt.Errorf("volume: %s: format version %d: %w", dir, h.Version, ErrNotVolume)
+	}
+	return &h, nil
+}
+
+// ReadInfo reads a volume's header without taking its lock.
+func ReadInfo(dir string) (*Info, error) {
+	h, err := readHeader(dir)
+	if err != nil {
+		return nil, err
+	}
+	return h.info(dir), nil
+}
+
+// Open opens the volume and takes its lock; ErrLocked if another process holds it.
+func Open(dir string, o OpenOptions) (*Volume, error) {
+	h, err := readHeader(dir)
+	if err != nil {
+		return nil, err
+	}
+	lf, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("volume: open %s: %w", dir, err)
+	}
+	if err := unix.Flock(int(lf.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lf.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("volume: open %s: %w", dir, ErrLocked)
+		}
+		return nil, fmt.Errorf("volume: lock %s: %w", dir, err)
+	}
+	v := &Volume{dir: dir, hdr: *h, opts: o, lock: lf, disks: map[string]*disk{}}
+	if err := v.open(); err != nil {
+		v.release()
+		return nil, err
+	}
+	if o.Daemon {
+		v.stopSync, v.syncDone = make(chan struct{}), make(chan struct{})
+		go v.syncLoop()
+	}
+	return v, nil
+}
+
+func (v *Volume) open() error {
+	db, err := bolt.Open(filepath.Join(v.dir, metaFile), 0o600, &bolt.Options{Timeout: time.Second, NoFreelistSync: true})
+	if err != nil {
+		return fmt.Errorf("volume: open metadata of %s: %w", v.dir, err)
+	}
+	v.db = db
+	st, err := snapshots.Open(db, filepath.Join(v.dir, dataDir, poolFile))
+	if err != nil {
+		return fmt.Errorf("volume: open %s: %w", v.dir, err)
+	}
+	v.st = st
+	err = db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketDisks)
+		if b == nil {
+			return fmt.Errorf("volume: %s: no disk catalogue: %w", v.dir, snapshots.ErrCorrupt)
+		}
+		return b.ForEach(func(k, val []byte) error {
+			var r diskRecord
+			if err := json.Unmarshal(val, &r); err != nil || r.ID != string(k) || CheckName(r.Name) != nil {
+				return fmt.Errorf("volume: %s: damaged catalogue entry %q: %w", v.dir, k, snapshots.ErrCorrupt)
+			}
+			if !st.HasTree(snapshots.TreeID(r.Tree)) {
+				return fmt.Errorf("volume: %s: disk %s has no block map: %w", v.dir, r.Name, snapshots.ErrCorrupt)
+			}
+			v.disks[r.Name] = &disk{rec: r, opens: map[*Disk]string{}}
+			return nil
+		})
+	})
+	if err != nil {
+		return err
+	}
+	if v.opts.Daemon {
+		for _, d := range v.disks {
+			if d.rec.Status == StatusInUse && d.rec.Encrypted {
+				if err := v.loadKey(d); err != nil {
+					// The disk stays listed; its I/O fails until the key is usable.
+					d.keyErr = err
+					v.logf("disk %s: data key unavailable: %v", d.rec.Name, err)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func (v *Volume) logf(format string, args ...any) {
+	if v.opts.Logf != nil {
+		v.opts.Logf(format, args...)
+	}
+}
+
+// syncLoop commits the daemon's writes every few seconds, bounding what a
+// crash can lose to what the guest has not fsynced anyway.
+func (v *Volume) syncLoop() {
+	defer close(v.syncDone)
+	t := time.NewTicker(3 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-v.stopSync:
+			return
+		case <-t.C:
+			if v.st.Dirty() {
+				if err := v.st.Commit(nil); err != nil {
+					v.logf("periodic commit: %v", err)
+				}
+			}
+		}
+	}
+}
+
+func (v *Volume) release() {
+	if v.st != nil {
+		v.st.Close()
+	}
+	if v.db != nil {
+		v.db.Close()
+	}
+	v.lock.Close() // drops the flock
+}
+
+// Info describes the volume.
+func (v *Volume) Info() Info { return *v.hdr.info(v.dir) }
+
+// Dir is the volume's directory.
+func (v *Volume) Dir() string { return v.dir }
+
+// Sync commits every write made so far.
+func (v *Volume) Sync() error { return v.st.Commit(nil) }
+
+// Close commits, wipes every data key and releases the volume's lock.
+func (v *Volume) Close() error {
+	v.mu.Lock()
+	if v.closed {
+		v.mu.Unlock()
+		return nil
+	}
+	v.closed = true
+	v.mu.Unlock()
+	if v.stopSync != nil {
+		close(v.stopSync)
+		<-v.syncDone
+	}
+	err := v.st.Commit(nil)
+	v.mu.Lock()
+	for _, d := range v.disks {
+		d.wipeKey()
+	}
+	v.mu.Unlock()
+	v.release()
+	return err
+}
+
+func (d *disk) wipeKey() {
+	if d.cipher != nil {
+		d.cipher.Wipe()
+		d.cipher = nil
+	}
+}
+
+// keyContext binds a wrapped data key to this volume and the disk it was
+// generated for (snapshots and clones share it, and the owner with it).
+func (v *Volume) keyContext(owner string) map[string]string {
+	return map[string]string{"encdisk:volume": v.hdr.ID, "encdisk:disk": owner}
+}
+
+func (v *Volume) getKMS() (KMS, error) {
+	if v.kms != nil {
+		return v.kms, nil
+	}
+	if v.opts.KMS == nil {
+		return nil, ErrNoKMS
+	}
+	k, err := v.opts.KMS()
+	if err != nil {
+		return nil, err
+	}
+	v.kms = k
+	return k, nil
+}
+
+// unwrap returns the plaintext data key of d (the caller wipes it).
+func (v *Volume) unwrap(r *diskRecord) ([]byte, error) {
+	k, err := v.getKMS()
+	if err != nil {
+		return nil, fmt.Errorf("volume: disk %s is encrypted: %w", r.Name, err)
+	}
+	dk, err := k.Decrypt(v.hdr.Region, r.WrappedKey, v.keyContext(r.KeyOwner))
+	if err != nil {
+		return nil, fmt.Errorf("volume: unwrap the data key of disk %s: %w", r.Name, err)
+	}
+	if len(dk) != dataKeySize {
+		clear(dk)
+		return nil, fmt.Errorf("volume: disk %s: data key of %d bytes, want %d", r.Name, len(dk), dataKeySize)
+	}
+	return dk, nil
+}
+
+// loadKey unwraps d's data key and builds its cipher (daemon only).
+func (v *Volume) loadKey(d *disk) error {
+	dk, err := v.unwrap(&d.rec)
+	if err != nil {
+		return err
+	}
+	c, err := newCipher(dk)
+	if err != nil {
+		return fmt.Errorf("volume: disk %s: %w", d.rec.Name, err)
+	}
+	d.cipher, d.keyErr = c, nil
+	return nil
+}
+
+// newCipher builds the XTS cipher and wipes dk. Go's runtime may have copied
+// the key while it lived on the heap; the daemon's memory is locked against
+// swap and excluded from core dumps by the command layer.
+func newCipher(dk []byte) (*blockcrypt.Cipher, error) {
+	var k [blockcrypt.KeySize]byte
+	copy(k[:], dk)
+	clear(dk)
+	c, err := blockcrypt.New(&k)
+	clear(k[:])
+	return c, err
+}
+
+func (v *Volume) putRecord(tx *bolt.Tx, r *diskRecord) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	return tx.Bucket(bucketDisks).Put([]byte(r.ID), b)
+}
+
+func (v *Volume) lookup(name string) (*disk, error) {
+	if v.closed {
+		return nil, errors.New("volume: closed")
+	}
+	d := v.disks[name]
+	if d == nil {
+		return nil, fmt.Errorf("volume: disk %q: %w", name, ErrNotFound)
+	}
+	return d, nil
+}
+
+func (v *Volume) info(d *disk) DiskInfo {
+	r := &d.rec
+	di := DiskInfo{
+		ID: r.ID, Name: r.Name, Size: r.Size, Category: r.Category, Role: r.Role,
+		Encrypted: r.Encrypted, KMSKeyID: r.KMSKeyID, Status: r.Status,
+		SourceType: r.SourceType, Source: r.Source, Created: r.Created,
+		Allocated: int64(v.st.Mapped(snapshots.TreeID(r.Tree))) * SectorSize,
+	}
+	for _, who := range d.opens {
+		di.OpenBy = append(di.OpenBy, who)
+	}
+	sort.Strings(di.OpenBy)
+	return di
+}
+
+func validSize(size int64) error {
+	switch {
+	case size <= 0:
+		return fmt.Errorf("%w: %d bytes: a disk needs a positive size such as 20GiB", ErrBadSize, size)
+	case size%SectorSize != 0:
+		return fmt.Errorf("%w: %d bytes is not a multiple of the %d-byte sector", ErrBadSize, size, SectorSize)
+	case size > MaxDiskSize:
+		return fmt.Errorf("%w: %d bytes is more than the largest disk (256 TiB)", ErrBadSize, size)
+	}
+	return nil
+}
+
+var categories = map[string]bool{
+	CategoryESSD: true, CategorySSD: true, CategoryEfficiency: true, CategoryBasic: true, CategoryLocal: true,
+}
+
+// checkRules applies the cloud's encryption rules (SPEC section 3) to a new disk.
+func checkRules(o *CreateDiskOptions) error {
+	if !categories[o.Category] {
+		return fmt.Errorf("%w: unknown category %q (use cloud_essd, cloud_ssd, cloud_efficiency, cloud or local)", ErrRule, o.Category)
+	}
+	if !o.Encrypted {
+		return nil
+	}
+	if o.Category == CategoryLocal {
+		return fmt.Errorf("%w: local disks cannot be encrypted", ErrRule)
+	}
+	if o.System {
+		if o.Category == CategoryBasic {
+			return fmt.Errorf("%w: an encrypted system disk must be cloud_essd, cloud_ssd or cloud_efficiency", ErrRule)
+		}
+		if o.Image == "" {
+			return fmt.Errorf("%w: an encrypted system disk can only be created from an encrypted image (copy a custom image with `encdisk image copy --encrypted --kms-key-id KEY`, then `disk create --system --image`)", ErrRule)
+		}
+	}
+	return nil
+}
+
+// CreateDisk creates a disk (SPEC CreateDisk). Unless o.Detached it is
+// attached: shown under the mount point at once.
+func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
+	if o.Category == "" {
+		o.Category = CategoryESSD
+	}
+	if err := CheckName(o.Name); err != nil {
+		return nil, err
+	}
+	if o.Snapshot != "" || o.Image != "" {
+		if o.Snapshot != "" {
+			return nil, fmt.Errorf("volume: create disk %s: snapshot %q: %w", o.Name, o.Snapshot, ErrNotFound)
+		}
+	}
+	if err := checkRules(&o); err != nil {
+		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+	}
+	if o.Image != "" {
+		return nil, fmt.Errorf("volume: create disk %s: image %q: %w", o.Name, o.Image, ErrNotFound)
+	}
+	if err := validSize(o.Size); err != nil {
+		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed {
+		return nil, errors.New("volume: closed")
+	}
+	if v.disks[o.Name] != nil {
+		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, ErrExists)
+	}
+	r := diskRecord{
+		ID: newID("d-"), Name: o.Name, Size: o.Size, Category: o.Category,
+		Role: "data", Status: StatusInUse, SourceType: "blank",
+		Created: time.Now().UTC().Truncate(time.Second),
+	}
+	if o.System {
+		r.Role = "system"
+	}
+	if o.Detached {
+		r.Status = StatusAvailable
+	}
+	d := &disk{opens: map[*Disk]string{}}
+	if o.Encrypted {
+		k, err := v.getKMS()
+		if err != nil {
+			return nil, fmt.Errorf("volume: create encrypted disk %s: %w", o.Name, err)
+		}
+		r.KeyOwner = r.ID
+		dk, wrapped, keyID, err := k.GenerateDataKey(v.hdr.Region, o.KMSKeyID, dataKeySize, v.keyContext(r.KeyOwner))
+		if err != nil {
+			return nil, fmt.Errorf("volume: create encrypted disk %s: %w", o.Name, err)
+		}
+		r.Encrypted, r.WrappedKey, r.KMSKeyID = true, wrapped, keyID
+		if v.opts.Daemon && !o.Detached {
+			d.cipher, err = newCipher(dk)
+		} else {
+			clear(dk)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+		}
+	}
+	err := v.st.Apply(func(tx *snapshots.Tx) error {
+		r.Tree = uint64(tx.NewTree())
+		return nil
+	}, func(tx *bolt.Tx) error { return v.putRecord(tx, &r) })
+	if err != nil {
+		d.wipeKey()
+		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+	}
+	d.rec = r
+	v.disks[r.Name] = d
+	di := v.info(d)
+	return &di, nil
+}
+
+// ListDisks lists every disk, by name.
+func (v *Volume) ListDisks() ([]DiskInfo, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	out := make([]DiskInfo, 0, len(v.disks))
+	for _, d := range v.disks {
+		out = append(out, v.info(d))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+// ShowDisk describes one disk.
+func (v *Volume) ShowDisk(name string) (*DiskInfo, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	d, err := v.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	di := v.info(d)
+	return &di, nil
+}
+
+// setStatus persists d's catalogue entry after f changed it, undoing f's
+// change if that fails. v.mu held.
+func (v *Volume) update(d *disk, f func(r *diskRecord)) error {
+	r := d.rec
+	f(&r)
+	if err := v.st.Apply(func(*snapshots.Tx) error { return nil },
+		func(tx *bolt.Tx) error { return v.putRecord(tx, &r) }); err != nil {
+		return err
+	}
+	d.rec = r
+	return nil
+}
+
+// AttachDisk attaches a disk: the mount shows it. An encrypted disk's key
+// must be usable (enabled, authorized): a disabled key refuses the attach.
+func (v *Volume) AttachDisk(name string) (*DiskInfo, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	d, err := v.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	if d.rec.Status == StatusInUse {
+		return nil, fmt.Errorf("volume: attach disk %s: %w", name, ErrAttached)
+	}
+	if d.rec.Encrypted {
+		if v.opts.Daemon {
+			err = v.loadKey(d)
+		} else {
+			var dk []byte
+			dk, err = v.unwrap(&d.rec) // proves the key is usable now
+			clear(dk)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("volume: attach disk %s: %w", name, err)
+		}
+	}
+	if err := v.update(d, func(r *diskRecord) { r.Status = StatusInUse }); err != nil {
+		d.wipeKey()
+		return nil, fmt.Errorf("volume: attach disk %s: %w", name, err)
+	}
+	di := v.info(d)
+	return &di, nil
+}
+
+func (d *disk) busy(op string) error {
+	if len(d.opens) == 0 {
+		return nil
+	}
+	var who []string
+	for _, w := range d.opens {
+		who = append(who, w)
+	}
+	sort.Strings(who)
+	return fmt.Errorf("volume: %s disk %s: %w: open by %v (close it first: umount, losetup -d)", op, d.rec.Name, ErrInUse, who)
+}
+
+// DetachDisk detaches a disk; its data key is wiped from memory. Refused
+// while the disk is open (mounted file system, loop device).
+func (v *Volume) DetachDisk(name string) (*DiskInfo, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	d, err := v.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	if d.rec.Status != StatusInUse {
+		return nil, fmt.Errorf("volume: detach disk %s: %w", name, ErrNotAttached)
+	}
+	if err := d.busy("detach"); err != nil {
+		return nil, err
+	}
+	if err := v.update(d, func(r *diskRecord) { r.Status = StatusAvailable }); err != nil {
+		return nil, fmt.Errorf("volume: detach disk %s: %w", name, err)
+	}
+	d.wipeKey()
+	d.keyErr = nil
+	di := v.info(d)
+	return &di, nil
+}
+
+// ResizeDisk grows a disk (ResizeDisk: grow only).
+func (v *Volume) ResizeDisk(name string, size int64) (*DiskInfo, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	d, err := v.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	if err := validSize(size); err != nil {
+		return nil, fmt.Errorf("volume: resize disk %s: %w", name, err)
+	}
+	if size < d.rec.Size {
+		return nil, fmt.Errorf("volume: resize disk %s from %d to %d bytes: %w", name, d.rec.Size, size, ErrShrink)
+	}
+	if size > d.rec.Size {
+		if err := v.update(d, func(r *diskRecord) { r.Size = size }); err != nil {
+			return nil, fmt.Errorf("volume: resize disk %s: %w", name, err)
+		}
+	}
+	di := v.info(d)
+	return &di, nil
+}
+
+// DeleteDisk deletes a detached disk and frees the space no snapshot shares.
+func (v *Volume) DeleteDisk(name string) (*DiskInfo, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	d, err := v.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.busy("delete"); err != nil {
+		return nil, err
+	}
+	if d.rec.Status == StatusInUse {
+		return nil, fmt.Errorf("volume: delete disk %s: %w (detach it first: encdisk disk detach VOL %s)", name, ErrAttached, name)
+	}
+	di := v.info(d)
+	err = v.st.Apply(func(tx *snapshots.Tx) error {
+		return tx.Delete(snapshots.TreeID(d.rec.Tree))
+	}, func(tx *bolt.Tx) error { return tx.Bucket(bucketDisks).Delete([]byte(d.rec.ID)) })
+	if err != nil {
+		return nil, fmt.Errorf("volume: delete disk %s: %w", name, err)
+	}
+	d.wipeKey()
+	delete(v.disks, name)
+	return &di, nil
+}
+
+// AttachedDisks lists the attached disks (what the mount shows).
+func (v *Volume) AttachedDisks() []DiskInfo {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	var out []DiskInfo
+	for _, d := range v.disks {
+		if d.rec.Status == StatusInUse {
+			out = append(out, v.info(d))
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// StatFS reports the capacity of the file system holding the volume.
+func (v *Volume) StatFS() (total, free, avail uint64, err error) {
+	var s unix.Statfs_t
+	if err := unix.Statfs(v.dir, &s); err != nil {
+		return 0, 0, 0, fmt.Errorf("volume: statfs %s: %w", v.dir, err)
+	}
+	bs := uint64(s.Bsize)
+	return s.Blocks * bs, s.Bfree * bs, s.Bavail * bs, nil
+}
+
+func writeFileAtomic(path string, data []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	dir, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	return dir.Sync()
+}

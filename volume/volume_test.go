@@ -1,0 +1,425 @@
+package volume
+
+import (
+	"bytes"
+	"crypto/aes"
+	"crypto/cipher"
+	crand "crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+)
+
+// fakeKMS wraps data keys with AES-GCM under one master key, binding the
+// context as associated data. It records every plaintext key it handed out
+// so tests can search the volume's files for them.
+type fakeKMS struct {
+	mu       sync.Mutex
+	master   []byte
+	disabled bool
+	issued   [][]byte
+}
+
+func newFakeKMS() *fakeKMS {
+	m := make([]byte, 32)
+	crand.Read(m)
+	return &fakeKMS{master: m}
+}
+
+func ctxAAD(ctx map[string]string) []byte {
+	keys := make([]string, 0, len(ctx))
+	for k := range ctx {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var b strings.Builder
+	for _, k := range keys {
+		fmt.Fprintf(&b, "%s=%s;", k, ctx[k])
+	}
+	return []byte(b.String())
+}
+
+func (k *fakeKMS) GenerateDataKey(region, ref string, n int, ctx map[string]string) ([]byte, []byte, string, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.disabled {
+		return nil, nil, "", errors.New("key is Disabled")
+	}
+	dk := make([]byte, n)
+	crand.Read(dk)
+	blk, _ := aes.NewCipher(k.master)
+	g, _ := cipher.NewGCM(blk)
+	nonce := make([]byte, g.NonceSize())
+	crand.Read(nonce)
+	k.issued = append(k.issued, append([]byte(nil), dk...))
+	return dk, g.Seal(nonce, nonce, dk, ctxAAD(ctx)), "key-fake", nil
+}
+
+func (k *fakeKMS) Decrypt(region string, wrapped []byte, ctx map[string]string) ([]byte, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.disabled {
+		return nil, errors.New("key is Disabled")
+	}
+	blk, _ := aes.NewCipher(k.master)
+	g, _ := cipher.NewGCM(blk)
+	if len(wrapped) < g.NonceSize() {
+		return nil, errors.New("short blob")
+	}
+	return g.Open(nil, wrapped[:g.NonceSize()], wrapped[g.NonceSize():], ctxAAD(ctx))
+}
+
+type testVol struct {
+	t   *testing.T
+	dir string
+	kms *fakeKMS
+	v   *Volume
+}
+
+func newTestVol(t *testing.T, daemon bool) *testVol {
+	t.Helper()
+	tv := &testVol{t: t, dir: filepath.Join(t.TempDir(), "vol"), kms: newFakeKMS()}
+	if _, err := Init(tv.dir, InitOptions{Region: "cn-hangzhou", KeystoreDir: "/nonexistent"}); err != nil {
+		t.Fatal(err)
+	}
+	tv.open(daemon)
+	t.Cleanup(func() {
+		if tv.v != nil {
+			tv.v.Close()
+		}
+	})
+	return tv
+}
+
+func (tv *testVol) open(daemon bool) {
+	tv.t.Helper()
+	v, err := Open(tv.dir, OpenOptions{KMS: func() (KMS, error) { return tv.kms, nil }, Daemon: daemon})
+	if err != nil {
+		tv.t.Fatal(err)
+	}
+	tv.v = v
+}
+
+func (tv *testVol) reopen(daemon bool) {
+	tv.t.Helper()
+	if err := tv.v.Close(); err != nil {
+		tv.t.Fatal(err)
+	}
+	tv.open(daemon)
+}
+
+func TestInitOpenErrors(t *testing.T) {
+	tv := newTestVol(t, false)
+	if _, err := Init(tv.dir, InitOptions{Region: "cn-hangzhou"}); !errors.Is(err, ErrVolumeExists) {
+		t.Errorf("Init twice: %v, want ErrVolumeExists", err)
+	}
+	if _, err := Open(tv.dir, OpenOptions{}); !errors.Is(err, ErrLocked) {
+		t.Errorf("second Open: %v, want ErrLocked", err)
+	}
+	if _, err := Open(t.TempDir(), OpenOptions{}); !errors.Is(err, ErrNotVolume) {
+		t.Errorf("Open of an empty dir: %v, want ErrNotVolume", err)
+	}
+	info, err := ReadInfo(tv.dir)
+	if err != nil || info.Region != "cn-hangzhou" || info.Format != FormatVersion || info.ID == "" {
+		t.Errorf("ReadInfo = %+v, %v", info, err)
+	}
+	notEmpty := t.TempDir()
+	os.WriteFile(filepath.Join(notEmpty, "x"), nil, 0o600)
+	if _, err := Init(notEmpty, InitOptions{Region: "cn-hangzhou"}); err == nil {
+		t.Error("Init of a non-empty directory succeeded")
+	}
+}
+
+func TestDiskLifecycle(t *testing.T) {
+	tv := newTestVol(t, false)
+	v := tv.v
+	const gib = 1 << 30
+	d, err := v.CreateDisk(CreateDiskOptions{Name: "data1", Size: 8 * gib, Encrypted: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !d.Encrypted || d.KMSKeyID != "key-fake" || d.Status != StatusInUse || d.Category != CategoryESSD || d.Role != "data" {
+		t.Errorf("created %+v", d)
+	}
+	if _, err := v.CreateDisk(CreateDiskOptions{Name: "plain1", Size: gib, Detached: true}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		o    CreateDiskOptions
+		want error
+	}{
+		{CreateDiskOptions{Name: "data1", Size: gib}, ErrExists},
+		{CreateDiskOptions{Name: "a/b", Size: gib}, ErrBadName},
+		{CreateDiskOptions{Name: "..", Size: gib}, ErrBadName},
+		{CreateDiskOptions{Name: "", Size: gib}, ErrBadName},
+		{CreateDiskOptions{Name: strings.Repeat("x", 64), Size: gib}, ErrBadName},
+		{CreateDiskOptions{Name: "z", Size: 0}, ErrBadSize},
+		{CreateDiskOptions{Name: "z", Size: 1000}, ErrBadSize},
+		{CreateDiskOptions{Name: "z", Size: -4096}, ErrBadSize},
+		{CreateDiskOptions{Name: "z", Size: gib, Category: "floppy"}, ErrRule},
+		{CreateDiskOptions{Name: "z", Size: gib, Category: CategoryLocal, Encrypted: true}, ErrRule},
+		{CreateDiskOptions{Name: "z", Size: gib, System: true, Encrypted: true}, ErrRule},
+	} {
+		if _, err := v.CreateDisk(c.o); !errors.Is(err, c.want) {
+			t.Errorf("CreateDisk(%+v) = %v, want %v", c.o, err, c.want)
+		}
+	}
+	list, _ := v.ListDisks()
+	if len(list) != 2 || list[0].Name != "data1" || list[1].Name != "plain1" {
+		t.Fatalf("ListDisks = %+v", list)
+	}
+	if got := v.AttachedDisks(); len(got) != 1 || got[0].Name != "data1" {
+		t.Errorf("AttachedDisks = %+v", got)
+	}
+	if _, err := v.AttachDisk("data1"); !errors.Is(err, ErrAttached) {
+		t.Errorf("attach twice: %v", err)
+	}
+	if _, err := v.DeleteDisk("data1"); !errors.Is(err, ErrAttached) {
+		t.Errorf("delete attached: %v", err)
+	}
+	h, err := v.OpenDisk("data1", true, "pid 42 (losetup)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.DetachDisk("data1"); !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), "pid 42 (losetup)") {
+		t.Errorf("detach while open: %v", err)
+	}
+	h.Close()
+	if _, err := v.ResizeDisk("data1", gib); !errors.Is(err, ErrShrink) {
+		t.Errorf("shrink: %v", err)
+	}
+	if d, err := v.ResizeDisk("data1", 10*gib); err != nil || d.Size != 10*gib {
+		t.Errorf("grow: %+v %v", d, err)
+	}
+	if _, err := v.DetachDisk("data1"); err != nil {
+		t.Fatal(err)
+	}
+	// A disabled key refuses the attach of an encrypted disk.
+	tv.kms.disabled = true
+	if _, err := v.AttachDisk("data1"); err == nil {
+		t.Error("attach with a disabled key succeeded")
+	}
+	tv.kms.disabled = false
+	tv.reopen(false)
+	v = tv.v
+	if d, err := v.ShowDisk("data1"); err != nil || d.Status != StatusAvailable || d.Size != 10*gib {
+		t.Errorf("after reopen: %+v %v", d, err)
+	}
+	if _, err := v.DeleteDisk("data1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.ShowDisk("data1"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("after delete: %v", err)
+	}
+}
+
+// TestDataPath writes at random offsets and lengths through two disks (one
+// encrypted) and compares with an in-memory model, across a reopen.
+func TestDataPath(t *testing.T) {
+	for _, enc := range []bool{true, false} {
+		t.Run(fmt.Sprintf("encrypted=%v", enc), func(t *testing.T) {
+			tv := newTestVol(t, true)
+			const size = 8 << 20
+			if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: size, Encrypted: enc}); err != nil {
+				t.Fatal(err)
+			}
+			model := make([]byte, size)
+			rng := rand.New(rand.NewPCG(7, 8))
+			h, err := tv.v.OpenDisk("d", true, "test")
+			if err != nil {
+				t.Fatal(err)
+			}
+			check := func(h *Disk) {
+				t.Helper()
+				got := make([]byte, size)
+				if n, err := h.ReadAt(got, 0); n != size || (err != nil && err != io.EOF) {
+					t.Fatalf("ReadAt = %d, %v", n, err)
+				}
+				if !bytes.Equal(got, model) {
+					for i := range got {
+						if got[i] != model[i] {
+							t.Fatalf("first difference at byte %d", i)
+						}
+					}
+				}
+			}
+			for i := 0; i < 120; i++ {
+				off := rng.Int64N(size)
+				n := 1 + rng.IntN(min(int(size-off), 1<<20))
+				switch rng.IntN(6) {
+				case 0:
+					if err := h.Discard(off, int64(n)); err != nil {
+						t.Fatal(err)
+					}
+					clear(model[off : off+int64(n)])
+				default:
+					buf := make([]byte, n)
+					for j := range buf {
+						buf[j] = byte(rng.Uint32())
+					}
+					if w, err := h.WriteAt(buf, off); w != n || err != nil {
+						t.Fatalf("WriteAt = %d, %v", w, err)
+					}
+					copy(model[off:], buf)
+				}
+				if i%50 == 0 {
+					// An odd read in the middle.
+					got := make([]byte, n)
+					if _, err := h.ReadAt(got, off); err != nil && err != io.EOF {
+						t.Fatal(err)
+					}
+					if !bytes.Equal(got, model[off:off+int64(n)]) {
+						t.Fatalf("read of %d at %d differs", n, off)
+					}
+				}
+			}
+			check(h)
+			if err := h.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := h.WriteAt(make([]byte, 10), size-5); !errors.Is(err, syscall.ENOSPC) {
+				t.Errorf("write past the end: %v", err)
+			}
+			h.Close()
+			tv.reopen(true)
+			h, err = tv.v.OpenDisk("d", true, "test")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer h.Close()
+			check(h)
+		})
+	}
+}
+
+func TestDiscardSeekAllocated(t *testing.T) {
+	tv := newTestVol(t, true)
+	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 64 << 20, Encrypted: true}); err != nil {
+		t.Fatal(err)
+	}
+	h, _ := tv.v.OpenDisk("d", true, "test")
+	defer h.Close()
+	if h.Allocated() != 0 {
+		t.Fatalf("new disk allocates %d", h.Allocated())
+	}
+	if _, err := h.SeekData(0); !errors.Is(err, syscall.ENXIO) {
+		t.Errorf("SeekData on empty disk: %v", err)
+	}
+	h.WriteAt(bytes.Repeat([]byte{1}, 1<<20), 8<<20)
+	if h.Allocated() != 1<<20 {
+		t.Errorf("Allocated = %d, want 1 MiB", h.Allocated())
+	}
+	if off, err := h.SeekData(0); off != 8<<20 || err != nil {
+		t.Errorf("SeekData(0) = %d, %v", off, err)
+	}
+	if off, err := h.SeekHole(8 << 20); off != 9<<20 || err != nil {
+		t.Errorf("SeekHole = %d, %v", off, err)
+	}
+	if off, err := h.SeekHole(60 << 20); off != 60<<20 || err != nil {
+		t.Errorf("SeekHole in a hole = %d, %v", off, err)
+	}
+	if err := h.Discard(8<<20+100, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if h.Allocated() != 4096 {
+		t.Errorf("after discard Allocated = %d, want one sector (the partial head)", h.Allocated())
+	}
+	got := make([]byte, 4096)
+	h.ReadAt(got, 8<<20)
+	if got[99] != 1 || got[100] != 0 {
+		t.Errorf("partial discard: byte 99 = %d, byte 100 = %d", got[99], got[100])
+	}
+}
+
+// TestNoPlaintextOnDisk writes a known pattern through an encrypted disk and
+// searches every byte of the volume for it and for the plaintext data key.
+func TestNoPlaintextOnDisk(t *testing.T) {
+	tv := newTestVol(t, true)
+	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "secret", Size: 16 << 20, Encrypted: true}); err != nil {
+		t.Fatal(err)
+	}
+	pattern := []byte("ENCDISK-PLAINTEXT-CANARY-0123456789abcdef")
+	buf := bytes.Repeat(pattern, (4<<20)/len(pattern))
+	h, _ := tv.v.OpenDisk("secret", true, "test")
+	if _, err := h.WriteAt(buf, 12345); err != nil {
+		t.Fatal(err)
+	}
+	h.Close()
+	tv.reopen(true)
+	needles := [][]byte{pattern[:16]}
+	for _, k := range tv.kms.issued {
+		needles = append(needles, k[:16], k[32:48])
+	}
+	err := filepath.WalkDir(tv.dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		for i, n := range needles {
+			if bytes.Contains(b, n) {
+				t.Errorf("%s contains plaintext (needle %d)", path, i)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestConcurrentIO(t *testing.T) {
+	tv := newTestVol(t, true)
+	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 32 << 20, Encrypted: true}); err != nil {
+		t.Fatal(err)
+	}
+	h, _ := tv.v.OpenDisk("d", true, "test")
+	defer h.Close()
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			// Each goroutine owns an 8 MiB region.
+			base := int64(g) * 8 << 20
+			rng := rand.New(rand.NewPCG(uint64(g), 1))
+			model := make([]byte, 8<<20)
+			for i := 0; i < 200; i++ {
+				off := rng.Int64N(8<<20 - 70000)
+				n := 1 + rng.IntN(70000)
+				b := make([]byte, n)
+				for j := range b {
+					b[j] = byte(g + i + j)
+				}
+				if _, err := h.WriteAt(b, base+off); err != nil {
+					t.Error(err)
+					return
+				}
+				copy(model[off:], b)
+				if i%20 == 0 {
+					if err := h.Sync(); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}
+			got := make([]byte, 8<<20)
+			h.ReadAt(got, base)
+			if !bytes.Equal(got, model) {
+				t.Errorf("goroutine %d: data differs", g)
+			}
+		}(g)
+	}
+	wg.Wait()
+}
