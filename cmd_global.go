@@ -241,7 +241,7 @@ func wipeSecret(s *keystore.Secret) {
 // unlock opens the keystore in dir with the configured secret.
 func (e *env) unlock(dir, source string) (*keystore.Keystore, error) {
 	if !keystore.Exists(dir) {
-		return nil, withHint(fmt.Errorf("no keystore at %s (from %s): %w", dir, source, keystore.ErrNoKeystore),
+		return nil, withHint(&quietErr{fmt.Sprintf("no keystore at %s (from %s)", dir, source), keystore.ErrNoKeystore},
 			"create one with `encdisk init VOL --keystore DIR`, or point to it with --keystore DIR or %s", envKeystore)
 	}
 	s, err := e.secret(dir, false)
@@ -321,3 +321,13 @@ func isInside(path, dir string) bool {
 	}
 	return path == dir || strings.HasPrefix(path, dir+string(filepath.Separator))
 }
+
+// quietErr is an error that is (errors.Is) a sentinel without repeating the
+// sentinel's own message.
+type quietErr struct {
+	msg string
+	is  error
+}
+
+func (e *quietErr) Error() string { return e.msg }
+func (e *quietErr) Unwrap() error { return e.is }

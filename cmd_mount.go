@@ -237,8 +237,9 @@ func spawnDaemon(c *cli.Context, a mountArgs, sec *daemonSecret) error {
 		rerr = json.Unmarshal(line, &r)
 	}
 	if rerr == nil && r.OK {
+		pid := cmd.Process.Pid
 		cmd.Process.Release()
-		fmt.Fprintf(c.App.Writer, "mounted %s at %s (pid %d)\n", a.vol, a.mp, cmd.Process.Pid)
+		fmt.Fprintf(c.App.Writer, "mounted %s at %s (pid %d)\n", a.vol, a.mp, pid)
 		return nil
 	}
 	werr := cmd.Wait()

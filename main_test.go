@@ -1,10 +1,16 @@
 package main
 
 import (
+	"bufio"
+	"net"
 	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/rogpeppe/go-internal/testscript"
+	"golang.org/x/sys/unix"
 )
 
 // TestMain lets the test binary act as the encdisk command: testscript
@@ -19,6 +25,10 @@ func TestMain(m *testing.M) {
 // TestScripts runs the end-to-end scripts in testdata/script. Each script
 // gets its own HOME, runtime directory and passphrase file, and keystores
 // made with the cheap test KDF.
+//
+// Conditions: [root] (running as root), [fuse] (root and /dev/fuse: mount
+// tests). With CI=true a script skipped for lack of FUSE fails instead, so a
+// CI machine that cannot mount does not pass silently.
 func TestScripts(t *testing.T) {
 	testscript.Run(t, testscript.Params{
 		Dir:                 "testdata/script",
@@ -28,10 +38,14 @@ func TestScripts(t *testing.T) {
 			e.Setenv("ENCDISK_RUNTIME_DIR", e.WorkDir+"/run")
 			e.Setenv("ENCDISK_TEST_FAST_KDF", "1")
 			e.Setenv("ENCDISK_CONFIG", "")
+			e.Setenv("CI", os.Getenv("CI"))
 			if err := os.WriteFile(e.WorkDir+"/pass", []byte("correct horse\n"), 0o600); err != nil {
 				return err
 			}
 			e.Setenv("ENCDISK_PASSPHRASE_FILE", e.WorkDir+"/pass")
+			// Never leave a mount behind, whatever the script did.
+			work := e.WorkDir
+			e.Defer(func() { unmountUnder(work) })
 			return nil
 		},
 		Condition: func(cond string) (bool, error) {
@@ -40,9 +54,70 @@ func TestScripts(t *testing.T) {
 				return os.Geteuid() == 0, nil
 			case "fuse":
 				_, err := os.Stat("/dev/fuse")
-				return err == nil && os.Geteuid() == 0, nil
+				ok := err == nil && os.Geteuid() == 0
+				if !ok && os.Getenv("CI") == "true" {
+					t.Errorf("CI=true but FUSE mount tests cannot run (need root and /dev/fuse)")
+				}
+				return ok, nil
 			}
 			return false, nil
 		},
+		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
+			"stalesock":  cmdStaleSock,
+			"killdaemon": cmdKillDaemon,
+		},
 	})
+}
+
+// stalesock PATH leaves a Unix socket file nobody listens on, as a daemon
+// killed with -9 does.
+func cmdStaleSock(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: stalesock PATH")
+	}
+	ln, err := net.Listen("unix", ts.MkAbs(args[0]))
+	ts.Check(err)
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ts.Check(ln.Close())
+}
+
+// killdaemon MOUNTPOINT kills the mount daemon of MOUNTPOINT with SIGKILL.
+func cmdKillDaemon(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: killdaemon MOUNTPOINT")
+	}
+	old := os.Getenv("ENCDISK_RUNTIME_DIR")
+	os.Setenv("ENCDISK_RUNTIME_DIR", ts.Getenv("ENCDISK_RUNTIME_DIR"))
+	st, err := readRecord(ts.MkAbs(args[0]))
+	os.Setenv("ENCDISK_RUNTIME_DIR", old)
+	ts.Check(err)
+	ts.Check(syscall.Kill(st.PID, syscall.SIGKILL))
+	for processAlive(st.PID) {
+		// Reaped by init, or by us if we are its parent.
+		var ws syscall.WaitStatus
+		syscall.Wait4(st.PID, &ws, syscall.WNOHANG, nil)
+	}
+}
+
+// unmountUnder lazily unmounts every mount below dir.
+func unmountUnder(dir string) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	var mps []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) > 4 {
+			mp := unescapeMountinfo(fields[4])
+			if strings.HasPrefix(mp, filepath.Clean(dir)+"/") {
+				mps = append(mps, mp)
+			}
+		}
+	}
+	for _, mp := range mps {
+		unix.Unmount(mp, unix.MNT_DETACH)
+	}
 }

@@ -84,3 +84,23 @@ func TestLoad(t *testing.T) {
 		t.Fatalf("env config: %+v, %v", c, err)
 	}
 }
+
+// The documented example must parse, and set every key Config has.
+func TestExample(t *testing.T) {
+	data, err := os.ReadFile("../config.example.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Uncomment the commented-out settings, as a user would.
+	text := strings.NewReplacer("#passphrase_file", "passphrase_file").Replace(string(data))
+	c, err := Parse("/etc/encdisk/config.toml", []byte(text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Region == "" || c.Keystore == "" || c.PassphraseFile == "" || c.Defaults.Category == "" {
+		t.Errorf("example leaves keys unset: %+v", c)
+	}
+	if !strings.Contains(string(data), "root_key_file") {
+		t.Error("example does not document root_key_file")
+	}
+}
