@@ -46,6 +46,9 @@ var (
 	// the carry-less multiplies; the whole of it is the mask of the
 	// shift-and-add doubling in the AES-NI kernel (see mulX).
 	gfMask Mem
+	// gfMask512 is gfMask in each of four lanes, a memory operand for the
+	// 512-bit carry-less multiplies.
+	gfMask512 Mem
 	// laneShiftL and laneShiftR are the per-qword shift counts that multiply
 	// lane i of a zmm register (i = 0..3) by x^i: left by i, and right by
 	// 64-i for the bits that cross into the next qword.
@@ -58,6 +61,12 @@ func main() {
 	gfMask = GLOBL("xtsGFMask", RODATA|NOPTR)
 	DATA(0, U64(0x87))
 	DATA(8, U64(1))
+
+	gfMask512 = GLOBL("xtsGFMask512", RODATA|NOPTR)
+	for lane := 0; lane < 4; lane++ {
+		DATA(16*lane, U64(0x87))
+		DATA(16*lane+8, U64(1))
+	}
 
 	laneShiftL = GLOBL("xtsLaneShiftL", RODATA|NOPTR)
 	for q := 0; q < 8; q++ {
@@ -123,25 +132,36 @@ func roundName(decrypt bool) (mid, last string) {
 // mulXk512 sets dst to src times x^k in each 128-bit lane, 0 < k < 64:
 // a 128-bit shift left by k bits, plus the k bits shifted out of the top,
 // reduced by a carry-less multiply with 0x87 (x^128 = x^7+x^2+x+1).
-// Clobbers Z12, Z13. Z14 holds gfMask in every lane.
-func mulXk512(dst, src VecPhysical, k int) {
-	VPSRLQ(U8(64-k), src, Z13) // bits leaving each qword
-	VPSLLQ(U8(k), src, dst)    // each qword shifted
-	VPSLLDQ(U8(8), Z13, Z12)   // low qword's carry into the high qword
-	VPSRLDQ(U8(8), Z13, Z13)   // high qword's carry, to reduce
-	raw("VPCLMULQDQ", U8(0x00), Z14, Z13, Z13)
-	VPTERNLOGD(U8(0x96), Z12, Z13, dst) // dst ^= Z12 ^ Z13
+// Clobbers t1 and t2.
+func mulXk512(dst, src, t1, t2 VecPhysical, k int) {
+	VPSRLQ(U8(64-k), src, t2) // bits leaving each qword
+	VPSLLQ(U8(k), src, dst)   // each qword shifted
+	VPSLLDQ(U8(8), t2, t1)    // low qword's carry into the high qword
+	VPSRLDQ(U8(8), t2, t2)    // high qword's carry, to reduce
+	raw("VPCLMULQDQ", U8(0x00), gfMask512, t2, t2)
+	VPTERNLOGD(U8(0x96), t1, t2, dst) // dst ^= t1 ^ t2
 }
 
-// mulX16z multiplies each lane of t by x^16 in place: a two-byte shift and
-// the reduction of the two bytes that fall off. Clobbers tmp.
-func mulX16z(t, tmp VecPhysical) {
-	VPSRLDQ(U8(14), t, tmp)
-	raw("VPCLMULQDQ", U8(0x00), Z14, tmp, tmp)
-	VPSLLDQ(U8(2), t, t)
+// mulX32z multiplies each lane of t by x^32 in place: a four-byte shift and
+// the reduction of the four bytes that fall off (at most 39 bits, so one
+// carry-less multiply suffices). Clobbers tmp.
+func mulX32z(t, tmp VecPhysical) {
+	VPSRLDQ(U8(12), t, tmp)
+	raw("VPCLMULQDQ", U8(0x00), gfMask512, tmp, tmp)
+	VPSLLDQ(U8(4), t, t)
 	VPXORD(tmp, t, t)
 }
 
+// xtsVAES512 emits the VAES kernel. Register use:
+//
+//	Z0-Z7    data: 8 registers of 4 blocks, 32 blocks (512 bytes) per iteration
+//	Z8-Z15   the tweaks of those 32 blocks, lane by lane
+//	Z16-Z30  the 15 round keys of K1, each broadcast to the 4 lanes
+//	Z31      scratch for the tweak update
+//
+// Eight independent registers keep the AES unit busy: a VAESENC on zmm has a
+// latency of several cycles but can start every cycle, so four registers
+// would leave it idle part of the time.
 func xtsVAES512(decrypt bool) {
 	name, what := "xtsEncVAES512", "encrypts"
 	if decrypt {
@@ -155,30 +175,27 @@ func xtsVAES512(decrypt bool) {
 	for r := 0; r <= rounds; r++ {
 		VBROADCASTI32X4(Mem{Base: RAX, Disp: 16 * r}, zmm[16+r])
 	}
-	VBROADCASTI32X4(gfMask, Z14)
 
-	initialTweak(X12)
-	Comment("Z4 = T*x^0 | T*x^1 | T*x^2 | T*x^3 (lane 0 is the lowest):",
+	initialTweak(X8)
+	Comment("Z8 = T*x^0 | T*x^1 | T*x^2 | T*x^3 (lane 0 is the lowest):",
 		"broadcast T, then shift lane i left by i bits and reduce.")
-	VSHUFI64X2(U8(0), Z12, Z12, Z4)
-	VPSRLVQ(laneShiftR, Z4, Z13)
-	VPSLLVQ(laneShiftL, Z4, Z4)
-	VPSLLDQ(U8(8), Z13, Z12)
-	VPSRLDQ(U8(8), Z13, Z13)
-	raw("VPCLMULQDQ", U8(0x00), Z14, Z13, Z13)
-	VPTERNLOGD(U8(0x96), Z12, Z13, Z4)
-	Comment("Z5, Z6, Z7: the tweaks of blocks 4-7, 8-11, 12-15.")
-	mulXk512(Z5, Z4, 4)
-	mulXk512(Z6, Z4, 8)
-	mulXk512(Z7, Z4, 12)
+	VSHUFI64X2(U8(0), Z8, Z8, Z8)
+	VPSRLVQ(laneShiftR, Z8, Z1)
+	VPSLLVQ(laneShiftL, Z8, Z8)
+	VPSLLDQ(U8(8), Z1, Z0)
+	VPSRLDQ(U8(8), Z1, Z1)
+	raw("VPCLMULQDQ", U8(0x00), gfMask512, Z1, Z1)
+	VPTERNLOGD(U8(0x96), Z0, Z1, Z8)
+	Comment("Z9-Z15: the tweaks of blocks 4-7, 8-11, ..., 28-31.")
+	for i := 1; i < 8; i++ {
+		mulXk512(zmm[8+i], Z8, zmm[2*(i%4)], zmm[2*(i%4)+1], 4*i)
+	}
 
-	data := []VecPhysical{Z0, Z1, Z2, Z3}
-	tweak := []VecPhysical{Z4, Z5, Z6, Z7}
-	lastKey := []VecPhysical{Z8, Z9, Z10, Z11}
+	data := zmm[0:8]
+	tweak := zmm[8:16]
 
-	// crypt runs the rounds over the first n data registers. The tweak XOR
-	// at the end is folded into the last round key: the last round ends
-	// with an XOR of its key, so last(s, K ^ T) = last(s, K) ^ T.
+	// crypt runs the rounds over the first n data registers and XORs the
+	// tweaks back in.
 	crypt := func(n int) {
 		for r := 1; r < rounds; r++ {
 			for i := 0; i < n; i++ {
@@ -186,46 +203,42 @@ func xtsVAES512(decrypt bool) {
 			}
 		}
 		for i := 0; i < n; i++ {
-			raw(last, lastKey[i], data[i], data[i])
+			raw(last, Z30, data[i], data[i])
+			VPXORD(tweak[i], data[i], data[i])
 		}
 	}
 
-	Label(name + "_loop16")
-	CMPQ(RCX, U32(256))
+	Label(name + "_loop32")
+	CMPQ(RCX, U32(512))
 	JB(LabelRef(name + "_tail4"))
-	for i := 0; i < 4; i++ {
+	for i := 0; i < 8; i++ {
 		VMOVDQU64(Mem{Base: RSI, Disp: 64 * i}, data[i])
-	}
-	for i := 0; i < 4; i++ {
 		VPTERNLOGD(U8(0x96), Z16, tweak[i], data[i]) // block ^ tweak ^ round key 0
-		VPXORD(Z30, tweak[i], lastKey[i])
 	}
-	Comment("Next 16 tweaks, while the AES rounds run.")
-	mulX16z(Z4, Z12)
-	mulX16z(Z5, Z13)
-	mulX16z(Z6, Z15)
-	mulX16z(Z7, Z31)
-	crypt(4)
-	for i := 0; i < 4; i++ {
+	crypt(8)
+	for i := 0; i < 8; i++ {
 		VMOVDQU64(data[i], Mem{Base: RDI, Disp: 64 * i})
 	}
-	ADDQ(U32(256), RSI)
-	ADDQ(U32(256), RDI)
-	SUBQ(U32(256), RCX)
-	JMP(LabelRef(name + "_loop16"))
+	Comment("The next 32 tweaks.")
+	for i := 0; i < 8; i++ {
+		mulX32z(tweak[i], Z31)
+	}
+	ADDQ(U32(512), RSI)
+	ADDQ(U32(512), RDI)
+	SUBQ(U32(512), RCX)
+	JMP(LabelRef(name + "_loop32"))
 
-	Comment("Fewer than 16 blocks left: four at a time, the tweaks moving down Z5-Z7 into Z4.")
+	Comment("Fewer than 32 blocks left: four at a time, the tweaks moving down Z9-Z15 into Z8.")
 	Label(name + "_tail4")
 	CMPQ(RCX, U32(64))
 	JB(LabelRef(name + "_tail1"))
 	VMOVDQU64(Mem{Base: RSI}, Z0)
-	VPTERNLOGD(U8(0x96), Z16, Z4, Z0)
-	VPXORD(Z30, Z4, Z8)
+	VPTERNLOGD(U8(0x96), Z16, Z8, Z0)
 	crypt(1)
 	VMOVDQU64(Z0, Mem{Base: RDI})
-	VMOVDQA64(Z5, Z4)
-	VMOVDQA64(Z6, Z5)
-	VMOVDQA64(Z7, Z6)
+	for i := 0; i < 7; i++ {
+		VMOVDQA64(tweak[i+1], tweak[i])
+	}
 	ADDQ(U32(64), RSI)
 	ADDQ(U32(64), RDI)
 	SUBQ(U32(64), RCX)
@@ -236,11 +249,10 @@ func xtsVAES512(decrypt bool) {
 	TESTQ(RCX, RCX)
 	JZ(LabelRef(name + "_done"))
 	VMOVDQU(Mem{Base: RSI}, X0) // VEX load: clears the upper lanes
-	VPTERNLOGD(U8(0x96), Z16, Z4, Z0)
-	VPXORD(Z30, Z4, Z8)
+	VPTERNLOGD(U8(0x96), Z16, Z8, Z0)
 	crypt(1)
 	VMOVDQU(X0, Mem{Base: RDI})
-	VALIGNQ(U8(2), Z4, Z4, Z4)
+	VALIGNQ(U8(2), Z8, Z8, Z8)
 	ADDQ(U32(16), RSI)
 	ADDQ(U32(16), RDI)
 	SUBQ(U32(16), RCX)
