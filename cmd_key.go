@@ -26,7 +26,7 @@ func keyCommand() *cli.Command {
 			"$ENCDISK_KEYSTORE, config.toml, ~/.encdisk/keystore. KEY is a key id or an alias.\n" +
 			"The service key alias/acs/ecs is created in a region the first time a disk is\n" +
 			"encrypted there; it cannot be disabled, deleted or rotated.",
-		Subcommands: []*cli.Command{
+		Subcommands: append([]*cli.Command{
 			{
 				Name:  "create",
 				Usage: "create a customer key",
@@ -90,7 +90,7 @@ func keyCommand() *cli.Command {
 				func(ks *keystore.Keystore, region, ref string, c *cli.Context) (*keystore.KeyInfo, error) {
 					return ks.Revoke(region, ref, c.String("principal"))
 				}),
-		},
+		}, byokCommands()...),
 	}
 }
 

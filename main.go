@@ -127,7 +127,6 @@ func prepareCommand(cmd *cli.Command) {
 		for _, sub := range cmd.Subcommands {
 			prepareCommand(sub)
 		}
-		return
 	}
 	cmd.Flags = append(cmd.Flags, globalFlags()...)
 }
