@@ -30,15 +30,16 @@
 // (salt and parameters stored, DefaultParams unless told otherwise) for a passphrase,
 // HKDF-SHA-256 with the stored salt for a key file. The wrapping key unseals the
 // keystore's KEK, 32 random bytes made by Create. The KEK never touches the disk
-// unsealed; the indirection lets the root secret change without resealing every CMK.
+// unsealed; the indirection lets the root secret change (ChangeSecret) without
+// resealing every CMK.
 // From the KEK, HKDF-SHA-256 derives two sub-keys (info "encdisk keystore v1 seal" and
 // "encdisk keystore v1 mac"): the seal key encrypts CMK material with AES-256-GCM, the
 // MAC key authenticates key files with HMAC-SHA-256. Only the sub-keys stay in memory,
 // locked against swap where the system permits, and Close wipes them. Material is
 // unsealed per operation and wiped straight after; callers wipe the data keys they
 // receive. Go's garbage collector may have copied any of these bytes before they were
-// wiped, and AES key schedules inside crypto/cipher cannot be wiped at all: wiping
-// narrows the window, it does not close it.
+// wiped, and AES key schedules inside crypto/cipher, and the RSA import key (math/big),
+// cannot be wiped at all: wiping narrows the window, it does not close it.
 //
 // # Format of keystore.json
 //
@@ -52,6 +53,9 @@
 //	kdf.time, kdf.memory_kib, kdf.threads
 //	            Argon2id passes, memory in KiB and parallelism; absent for "keyfile".
 //	            Open refuses time > 64 and memory > 4 GiB as damage.
+//	            The wrapping key is Argon2id(passphrase, salt, time, memory_kib,
+//	            threads, 32 bytes), or for "keyfile" HKDF-SHA-256(root key, salt,
+//	            info "encdisk keystore v1 root key file", 32 bytes).
 //	sealed_kek.nonce       12 bytes, base64
 //	sealed_kek.ciphertext  AES-256-GCM under the wrapping key of the 32-byte KEK, 48
 //	            bytes with the tag, base64. AAD: "encdisk-keystore v1 kek" 0x00 followed
@@ -131,10 +135,12 @@
 //
 // JSON lines, appended with O_APPEND and fsynced, one per operation:
 // {time, principal, action, region, ref, key_id, key_version, created_service_key,
-// result ("ok" or "error"), error}. Actions: CreateKeystore, CreateKey, DescribeKey,
-// ListKeys, EnableKey, DisableKey, Grant, Revoke, GenerateDataKey, Decrypt, and those of
-// rotation, deletion, aliases and import. Management operations are recorded under the
-// principal "owner". Lines never contain material or data keys.
+// result ("ok" or "error"), error}. Actions: CreateKeystore, ChangeSecret, CreateKey,
+// DescribeKey, ListKeys, EnableKey, DisableKey, Grant, Revoke, GenerateDataKey,
+// Decrypt, RotateKey, UpdateRotationPolicy, ScheduleKeyDeletion, CancelKeyDeletion,
+// CreateAlias, DeleteAlias, GetParametersForImport, ImportKeyMaterial and
+// DeleteKeyMaterial. Management operations are recorded under the principal "owner".
+// Lines never contain material, data keys or import tokens.
 //
 // # Concurrency and durability
 //

@@ -1,8 +1,10 @@
 package keystore
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 
@@ -53,9 +55,9 @@ func writeFileAtomic(path string, data []byte) error {
 	return syncDir(dir)
 }
 
-// createFileAtomic is writeFileAtomic that fails with os.ErrExist instead of replacing
+// createFileAtomic is writeFileAtomic that fails with fs.ErrExist instead of replacing
 // an existing file: the temporary file is hard-linked to path, which is atomic and
-// exclusive.
+// exclusive. The caller must hold the directory's lock (see the fallback below).
 func createFileAtomic(path string, data []byte) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(path)+"-*")
@@ -80,7 +82,19 @@ func createFileAtomic(path string, data []byte) error {
 		return err
 	}
 	if err := os.Link(tmp, path); err != nil {
-		return err
+		if !errors.Is(err, unix.EPERM) && !errors.Is(err, unix.ENOTSUP) && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+			return err
+		}
+		// No hard links on this file system. All callers hold the directory's
+		// flock, so checking and then renaming is still exclusive among encdisk
+		// processes.
+		if _, err := os.Lstat(path); err == nil {
+			return &os.LinkError{Op: "create", Old: tmp, New: path, Err: fs.ErrExist}
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			return err
+		}
+		return syncDir(dir)
 	}
 	if err := os.Remove(tmp); err != nil {
 		return err

@@ -494,7 +494,7 @@ func newKeyID() string {
 	return "key-" + hex.EncodeToString(randomBytes(16))
 }
 
-// newVersion makes fresh material (or seals the given material) as version n of kf.
+// sealVersion seals material as the next version of kf and makes it the primary one.
 func (ks *Keystore) sealVersion(kf *keyFile, material []byte, now time.Time) {
 	n := len(kf.Versions) + 1
 	nonce, sealed := seal(ks.sealKey(), material, materialAAD(kf.Region, kf.ID, n))

@@ -36,6 +36,7 @@ const (
 
 // Secret is the root secret that unlocks a keystore: exactly one of a passphrase or the
 // path of a root key file (32 random bytes, or 64 hexadecimal characters).
+// The caller owns Passphrase and should wipe it once Create or Open returns.
 type Secret struct {
 	Passphrase []byte
 	KeyFile    string
