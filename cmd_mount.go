@@ -343,7 +343,15 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 		}
 		return kmsAdapter{ks}, nil
 	}
-	v, err := volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: logger.Printf})
+	var v *volume.Volume
+	for try := 0; ; try++ {
+		v, err = volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: logger.Printf})
+		// A command working on the unmounted volume holds it briefly.
+		if !errors.Is(err, volume.ErrLocked) || try >= 15 {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	if err != nil {
 		if errors.Is(err, volume.ErrLocked) {
 			return withHint(fmt.Errorf("%s is in use by another encdisk process: %w", a.vol, err),
@@ -363,19 +371,34 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 
 	st := daemonStatus{PID: os.Getpid(), Volume: a.absVol, Mountpoint: a.absMP, Started: time.Now().UTC()}
 	var (
-		fsrv *fs.Server
-		opMu sync.Mutex
+		fsrv    *fs.Server
+		opMu    sync.Mutex
+		umountM sync.Mutex
 	)
+	// unmount refuses while a disk is open (a loop device, a program):
+	// the kernel would refuse anyway, and this way the user learns who.
+	unmount := func() error {
+		umountM.Lock()
+		defer umountM.Unlock()
+		if busy := openDisks(v); len(busy) > 0 {
+			return withHint(fmt.Errorf("cannot unmount %s: %s: %w", a.absMP, strings.Join(busy, "; "), volume.ErrInUse),
+				"unmount the file systems on those disks and detach their loop devices (`losetup -d`), then retry")
+		}
+		if err := fsrv.Unmount(); err != nil {
+			return withHint(fmt.Errorf("cannot unmount %s: %w", a.absMP, err),
+				"something still uses the mount (an open file, a shell's working directory); close it and retry")
+		}
+		return nil
+	}
 	handler := func(ctx context.Context, op string, args json.RawMessage) (any, error) {
 		switch op {
 		case opDaemonStatus:
 			return st, nil
 		case opDaemonUmount:
 			logger.Printf("unmount requested")
-			if err := fsrv.Unmount(); err != nil {
+			if err := unmount(); err != nil {
 				logger.Printf("unmount: %v", err)
-				return nil, toControlError(withHint(fmt.Errorf("cannot unmount %s: %w", a.absMP, err),
-					"something still uses a disk: unmount the file systems on it and detach loop devices (`losetup -D`), then retry"))
+				return nil, toControlError(err)
 			}
 			return st, nil
 		}
@@ -425,7 +448,7 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 				continue // the session leader went away; keep serving
 			}
 			logger.Printf("%v: unmounting", sig)
-			if err := fsrv.Unmount(); err != nil {
+			if err := unmount(); err != nil {
 				logger.Printf("unmount: %v (still mounted; send the signal again to retry)", err)
 			}
 		}
@@ -437,6 +460,22 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	logger.Printf("unmounted %s", a.absMP)
 	srv.Close()
 	return nil
+}
+
+// openDisks describes the disks someone has open: "data1 is open by pid 42
+// (losetup)".
+func openDisks(v *volume.Volume) []string {
+	ds, err := v.ListDisks()
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, d := range ds {
+		if len(d.OpenBy) > 0 {
+			out = append(out, fmt.Sprintf("disk %s is open by %s", d.Name, strings.Join(d.OpenBy, ", ")))
+		}
+	}
+	return out
 }
 
 // Runtime records: one small JSON file per mount point, so `encdisk umount

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/encdisk/encdisk/control"
+	"github.com/encdisk/encdisk/keystore"
+	"github.com/encdisk/encdisk/volume"
+)
+
+func TestInterspersed(t *testing.T) {
+	app := newApp(&bytes.Buffer{}, &bytes.Buffer{})
+	tests := []struct {
+		in, want string
+	}{
+		{"encdisk disk create vol d1 --size 1GiB --encrypted",
+			"encdisk disk create --size 1GiB --encrypted -- vol d1"},
+		{"encdisk --keystore ks disk list vol --json",
+			"encdisk --keystore ks disk list --json -- vol"},
+		{"encdisk disk create --size=1GiB vol d1",
+			"encdisk disk create --size=1GiB -- vol d1"},
+		{"encdisk key schedule-deletion k --days 7",
+			"encdisk key schedule-deletion --days 7 -- k"},
+		// A flag value that looks like an argument stays with its flag.
+		{"encdisk disk create vol list --size 4MiB",
+			"encdisk disk create --size 4MiB -- vol list"},
+		// A command name used as an argument is an argument.
+		{"encdisk disk show vol create",
+			"encdisk disk show -- vol create"},
+		{"encdisk mount vol mnt -- --odd",
+			"encdisk mount vol mnt -- --odd"},
+		{"encdisk", "encdisk"},
+	}
+	for _, tt := range tests {
+		got := strings.Join(interspersed(app, strings.Fields(tt.in)), " ")
+		if got != tt.want {
+			t.Errorf("%s\n got %s\nwant %s", tt.in, got, tt.want)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	good := map[string]int64{
+		"20GiB": 20 << 30, "512MiB": 512 << 20, "1TB": 1e12, "4096": 4096, "8 GiB": 8 << 30, "4KiB": 4096,
+	}
+	for in, want := range good {
+		got, err := parseSize("size", in)
+		if err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "0", "-1GiB", "lots", "12345", "1.5KiB", "1e30", "99999999EiB"} {
+		if n, err := parseSize("size", in); err == nil {
+			t.Errorf("parseSize(%q) = %d, want an error", in, n)
+		}
+	}
+}
+
+func TestParseInterval(t *testing.T) {
+	for in, want := range map[string]time.Duration{"90d": 90 * 24 * time.Hour, "0d": 0, "2160h": 90 * 24 * time.Hour} {
+		if got, err := parseInterval(in); err != nil || got != want {
+			t.Errorf("parseInterval(%q) = %v, %v", in, got, err)
+		}
+	}
+	for _, in := range []string{"d", "-3d", "soon", "3 days"} {
+		if _, err := parseInterval(in); err == nil {
+			t.Errorf("parseInterval(%q) accepted", in)
+		}
+	}
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	if got, _ := parseExpiry("10d", now); !got.Equal(now.Add(240 * time.Hour)) {
+		t.Errorf("parseExpiry 10d = %v", got)
+	}
+	if got, _ := parseExpiry("2027-02-03", now); got.Format(time.DateOnly) != "2027-02-03" {
+		t.Errorf("parseExpiry date = %v", got)
+	}
+}
+
+// An error crossing the socket keeps its kind, so the hint is the same as
+// for the error met directly.
+func TestErrorKindsRoundTrip(t *testing.T) {
+	for _, k := range errorKinds {
+		direct := volError(fmt.Errorf("op: %w", k.err), "myvol")
+		resp := control.ErrorResponse(toControlError(fmt.Errorf("op: %w", k.err)))
+		remote := volError(&control.Error{Message: resp.Error, Hint: resp.Hint, Code: resp.Code, Kind: resp.Kind}, "myvol")
+		if errKind(direct) != k.kind || errKind(remote) != k.kind {
+			t.Errorf("%v: kinds %q / %q, want %q", k.err, errKind(direct), errKind(remote), k.kind)
+		}
+		if hd, hr := hintFor(direct), hintFor(remote); hd != hr {
+			t.Errorf("%v: hints differ:\n direct %q\n remote %q", k.err, hd, hr)
+		}
+	}
+}
+
+func TestReportError(t *testing.T) {
+	tests := []struct {
+		err       error
+		code      int
+		wantLines []string
+	}{
+		{usageErrorf("bad"), exitUsage, []string{"encdisk: error: bad", "encdisk: hint: run `encdisk --help`"}},
+		{volError(fmt.Errorf("x: %w", volume.ErrNotFound), "v"), exitError,
+			[]string{"encdisk: error: x: no such disk", "encdisk: hint: list the disks with `encdisk disk list v`"}},
+		{fmt.Errorf("open: %w", keystore.ErrWrongSecret), exitError,
+			[]string{"encdisk: error: open: wrong passphrase or root key", "encdisk: hint: check the passphrase; scripts can set ENCDISK_PASSPHRASE_FILE"}},
+		{withHint(errors.New("e"), "h %d", 1), exitError, []string{"encdisk: error: e", "encdisk: hint: h 1"}},
+		{&control.Error{Message: "remote", Hint: "rh", Code: 2}, exitUsage, []string{"encdisk: error: remote", "encdisk: hint: rh"}},
+		{errors.New("plain"), exitError, []string{"encdisk: error: plain"}},
+	}
+	for _, tt := range tests {
+		var buf bytes.Buffer
+		if code := reportError(&buf, tt.err); code != tt.code {
+			t.Errorf("%v: code %d, want %d", tt.err, code, tt.code)
+		}
+		lines := strings.Split(strings.TrimSuffix(buf.String(), "\n"), "\n")
+		if len(lines) != len(tt.wantLines) {
+			t.Errorf("%v: got %q", tt.err, buf.String())
+			continue
+		}
+		for i := range lines {
+			if !strings.HasPrefix(lines[i], tt.wantLines[i]) {
+				t.Errorf("%v: line %d = %q, want prefix %q", tt.err, i, lines[i], tt.wantLines[i])
+			}
+		}
+	}
+}
+
+func TestDecodeArgs(t *testing.T) {
+	var a nameArgs
+	if err := decodeArgs("disk.show", json.RawMessage(`{"name":"d1"}`), &a); err != nil || a.Name != "d1" {
+		t.Fatalf("%+v %v", a, err)
+	}
+	for _, in := range []string{``, `null`, `{"nme":"x"}`, `[1]`} {
+		if err := decodeArgs("disk.show", json.RawMessage(in), &a); err == nil {
+			t.Errorf("%q accepted", in)
+		}
+	}
+	if err := decodeArgs("disk.list", nil, nil); err != nil {
+		t.Error(err)
+	}
+	if err := decodeArgs("disk.list", json.RawMessage(`{"x":1}`), nil); err == nil {
+		t.Error("unexpected args accepted")
+	}
+}
+
+// The daemon's handler and the direct path both run dispatch; check it
+// end to end through a real control server on a real volume.
+func TestDispatchThroughSocket(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := volume.Init(dir, volume.InitOptions{Region: "cn-hangzhou"}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := volume.Open(dir, volume.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	sockDir, err := os.MkdirTemp("", "enc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sockDir)
+	srv, err := control.Listen(filepath.Join(sockDir, "s"), func(ctx context.Context, op string, args json.RawMessage) (any, error) {
+		res, err := dispatch(v, op, args)
+		if err != nil {
+			return nil, toControlError(err)
+		}
+		return res, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve()
+	defer srv.Close()
+
+	var d volume.DiskInfo
+	err = control.Call(srv.Path(), opDiskCreate, volume.CreateDiskOptions{Name: "d1", Size: 1 << 20, Category: volume.CategoryESSD}, &d, 10*time.Second)
+	if err != nil || d.Name != "d1" || d.Size != 1<<20 {
+		t.Fatalf("create: %+v %v", d, err)
+	}
+	var list []volume.DiskInfo
+	if err := control.Call(srv.Path(), opDiskList, nil, &list, 10*time.Second); err != nil || len(list) != 1 {
+		t.Fatalf("list: %+v %v", list, err)
+	}
+	direct, err := dispatch(v, opDiskList, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b1, _ := json.Marshal(direct)
+	b2, _ := json.Marshal(list)
+	if !bytes.Equal(b1, b2) {
+		t.Errorf("direct and remote differ:\n%s\n%s", b1, b2)
+	}
+	err = control.Call(srv.Path(), opDiskShow, nameArgs{"ghost"}, &d, 10*time.Second)
+	if errKind(err) != "not_found" {
+		t.Errorf("show ghost: %v (kind %q)", err, errKind(err))
+	}
+	err = control.Call(srv.Path(), "disk.frob", nil, nil, 10*time.Second)
+	if err == nil || !strings.Contains(err.Error(), "unknown operation") {
+		t.Errorf("unknown op: %v", err)
+	}
+	if !reflect.DeepEqual(list[0].Name, "d1") {
+		t.Error("bad list")
+	}
+}
