@@ -20,9 +20,9 @@ var (
 	// x/sys/cpu already checks that the OS saves the zmm state.
 	hasVAES512 = cpu.X86.HasAVX512F && cpu.X86.HasAVX512BW &&
 		cpu.X86.HasAVX512VAES && cpu.X86.HasAVX512VPCLMULQDQ
-	// hasAESNI needs AVX too: the kernel uses VEX encodings, whose memory
-	// operands need no alignment.
-	hasAESNI = cpu.X86.HasAES && cpu.X86.HasAVX
+	// hasAESNI needs PCLMULQDQ for the tweak update and AVX for the VEX
+	// encodings, whose memory operands need no alignment.
+	hasAESNI = cpu.X86.HasAES && cpu.X86.HasPCLMULQDQ && cpu.X86.HasAVX
 )
 
 // bestImpl is the engine New uses.

@@ -807,7 +807,7 @@ xtsDecVAES512_done:
 	RET
 
 // func xtsEncAESNI(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
-// Requires: AES, AVX, SSE2
+// Requires: AES, AVX, PCLMULQDQ, SSE2
 TEXT ·xtsEncAESNI(SB), NOSPLIT, $0-72
 	MOVQ k1+0(FP), AX
 	MOVQ k2+8(FP), BX
@@ -1019,51 +1019,43 @@ xtsEncAESNI_loop8:
 	VMOVDQU     X6, 96(DI)
 	VMOVDQU     X7, 112(DI)
 
-	// Next 8 tweaks.
-	VPSRAD  $0x1f, X15, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X15, X15, X8
-	VPXOR   X0, X8, X8
-	VPSRAD  $0x1f, X8, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X8, X8, X9
-	VPXOR   X0, X9, X9
-	VPSRAD  $0x1f, X9, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X9, X9, X10
-	VPXOR   X0, X10, X10
-	VPSRAD  $0x1f, X10, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X10, X10, X11
-	VPXOR   X0, X11, X11
-	VPSRAD  $0x1f, X11, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X11, X11, X12
-	VPXOR   X0, X12, X12
-	VPSRAD  $0x1f, X12, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X12, X12, X13
-	VPXOR   X0, X13, X13
-	VPSRAD  $0x1f, X13, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X13, X13, X14
-	VPXOR   X0, X14, X14
-	VPSRAD  $0x1f, X14, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X14, X14, X15
-	VPXOR   X0, X15, X15
-	ADDQ    $0x00000080, SI
-	ADDQ    $0x00000080, DI
-	SUBQ    $0x00000080, CX
-	JMP     xtsEncAESNI_loop8
+	// Next 8 tweaks: each times x^8, independently of the others.
+	VPSRLDQ    $0x0f, X8, X0
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X0, X0
+	VPSLLDQ    $0x01, X8, X8
+	VPXOR      X0, X8, X8
+	VPSRLDQ    $0x0f, X9, X1
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X1, X1
+	VPSLLDQ    $0x01, X9, X9
+	VPXOR      X1, X9, X9
+	VPSRLDQ    $0x0f, X10, X2
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X2, X2
+	VPSLLDQ    $0x01, X10, X10
+	VPXOR      X2, X10, X10
+	VPSRLDQ    $0x0f, X11, X3
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X3, X3
+	VPSLLDQ    $0x01, X11, X11
+	VPXOR      X3, X11, X11
+	VPSRLDQ    $0x0f, X12, X4
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X4, X4
+	VPSLLDQ    $0x01, X12, X12
+	VPXOR      X4, X12, X12
+	VPSRLDQ    $0x0f, X13, X5
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X5, X5
+	VPSLLDQ    $0x01, X13, X13
+	VPXOR      X5, X13, X13
+	VPSRLDQ    $0x0f, X14, X6
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X6, X6
+	VPSLLDQ    $0x01, X14, X14
+	VPXOR      X6, X14, X14
+	VPSRLDQ    $0x0f, X15, X7
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X7, X7
+	VPSLLDQ    $0x01, X15, X15
+	VPXOR      X7, X15, X15
+	ADDQ       $0x00000080, SI
+	ADDQ       $0x00000080, DI
+	SUBQ       $0x00000080, CX
+	JMP        xtsEncAESNI_loop8
 
 	// Fewer than 8 blocks left: one at a time with the tweak in X8.
 xtsEncAESNI_tail1:
@@ -1119,7 +1111,7 @@ xtsEncAESNI_done:
 	RET
 
 // func xtsDecAESNI(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
-// Requires: AES, AVX, SSE2
+// Requires: AES, AVX, PCLMULQDQ, SSE2
 TEXT ·xtsDecAESNI(SB), NOSPLIT, $0-72
 	MOVQ k1+0(FP), AX
 	MOVQ k2+8(FP), BX
@@ -1331,51 +1323,43 @@ xtsDecAESNI_loop8:
 	VMOVDQU     X6, 96(DI)
 	VMOVDQU     X7, 112(DI)
 
-	// Next 8 tweaks.
-	VPSRAD  $0x1f, X15, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X15, X15, X8
-	VPXOR   X0, X8, X8
-	VPSRAD  $0x1f, X8, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X8, X8, X9
-	VPXOR   X0, X9, X9
-	VPSRAD  $0x1f, X9, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X9, X9, X10
-	VPXOR   X0, X10, X10
-	VPSRAD  $0x1f, X10, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X10, X10, X11
-	VPXOR   X0, X11, X11
-	VPSRAD  $0x1f, X11, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X11, X11, X12
-	VPXOR   X0, X12, X12
-	VPSRAD  $0x1f, X12, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X12, X12, X13
-	VPXOR   X0, X13, X13
-	VPSRAD  $0x1f, X13, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X13, X13, X14
-	VPXOR   X0, X14, X14
-	VPSRAD  $0x1f, X14, X0
-	VPSHUFD $0x13, X0, X0
-	VPAND   xtsGFMask<>+0(SB), X0, X0
-	VPADDQ  X14, X14, X15
-	VPXOR   X0, X15, X15
-	ADDQ    $0x00000080, SI
-	ADDQ    $0x00000080, DI
-	SUBQ    $0x00000080, CX
-	JMP     xtsDecAESNI_loop8
+	// Next 8 tweaks: each times x^8, independently of the others.
+	VPSRLDQ    $0x0f, X8, X0
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X0, X0
+	VPSLLDQ    $0x01, X8, X8
+	VPXOR      X0, X8, X8
+	VPSRLDQ    $0x0f, X9, X1
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X1, X1
+	VPSLLDQ    $0x01, X9, X9
+	VPXOR      X1, X9, X9
+	VPSRLDQ    $0x0f, X10, X2
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X2, X2
+	VPSLLDQ    $0x01, X10, X10
+	VPXOR      X2, X10, X10
+	VPSRLDQ    $0x0f, X11, X3
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X3, X3
+	VPSLLDQ    $0x01, X11, X11
+	VPXOR      X3, X11, X11
+	VPSRLDQ    $0x0f, X12, X4
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X4, X4
+	VPSLLDQ    $0x01, X12, X12
+	VPXOR      X4, X12, X12
+	VPSRLDQ    $0x0f, X13, X5
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X5, X5
+	VPSLLDQ    $0x01, X13, X13
+	VPXOR      X5, X13, X13
+	VPSRLDQ    $0x0f, X14, X6
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X6, X6
+	VPSLLDQ    $0x01, X14, X14
+	VPXOR      X6, X14, X14
+	VPSRLDQ    $0x0f, X15, X7
+	VPCLMULQDQ $0x00, xtsGFMask<>+0(SB), X7, X7
+	VPSLLDQ    $0x01, X15, X15
+	VPXOR      X7, X15, X15
+	ADDQ       $0x00000080, SI
+	ADDQ       $0x00000080, DI
+	SUBQ       $0x00000080, CX
+	JMP        xtsDecAESNI_loop8
 
 	// Fewer than 8 blocks left: one at a time with the tweak in X8.
 xtsDecAESNI_tail1:
