@@ -50,15 +50,10 @@ func errno(err error) error {
 }
 
 func (b backend) Disks() ([]fs.DiskEntry, error) {
-	ds, err := b.v.ListDisks()
-	if err != nil {
-		return nil, errno(err)
-	}
-	var out []fs.DiskEntry
+	ds := b.v.AttachedDisks()
+	out := make([]fs.DiskEntry, 0, len(ds))
 	for i := range ds {
-		if ds[i].Status == volume.StatusInUse {
-			out = append(out, diskEntry(&ds[i]))
-		}
+		out = append(out, diskEntry(&ds[i]))
 	}
 	return out, nil
 }

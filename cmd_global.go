@@ -163,7 +163,11 @@ func (e *env) secret(dir string, confirm bool) (keystore.Secret, error) {
 			fmt.Errorf("the keystore %s needs its passphrase and there is no terminal to ask for it", dir),
 			"set %s to a file holding the passphrase (or %s for a key-file keystore)", envPassphraseFile, envRootKeyFile)
 	}
-	pw, err := prompt(fmt.Sprintf("Passphrase for keystore %s: ", dir))
+	what := "Passphrase"
+	if confirm {
+		what = "New passphrase"
+	}
+	pw, err := prompt(fmt.Sprintf("%s for keystore %s: ", what, dir))
 	if err != nil {
 		return keystore.Secret{}, err
 	}

@@ -380,7 +380,13 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	unmount := func() error {
 		umountM.Lock()
 		defer umountM.Unlock()
-		if busy := openDisks(v); len(busy) > 0 {
+		// The kernel releases a closed file asynchronously: give a close
+		// that just returned a moment to arrive.
+		busy := openDisks(v)
+		for deadline := time.Now().Add(2 * time.Second); len(busy) > 0 && time.Now().Before(deadline); busy = openDisks(v) {
+			time.Sleep(50 * time.Millisecond)
+		}
+		if len(busy) > 0 {
 			return withHint(fmt.Errorf("cannot unmount %s: %s: %w", a.absMP, strings.Join(busy, "; "), volume.ErrInUse),
 				"unmount the file systems on those disks and detach their loop devices (`losetup -d`), then retry")
 		}
