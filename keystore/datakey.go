@@ -151,14 +151,42 @@ func (ks *Keystore) GenerateDataKey(region, ref, principal string, n int, ctx ma
 	if n < 1 || n > MaxDataKeySize {
 		return nil, nil, "", fmt.Errorf("keystore: generate data key with %s: size %d outside 1..%d: %w", ref, n, MaxDataKeySize, ErrInvalid)
 	}
+	plaintext = newDataKey(n)
+	blob, keyID, err = ks.wrap("GenerateDataKey", region, ref, principal, plaintext, ctx)
+	if err != nil {
+		wipe(plaintext)
+		return nil, nil, "", fmt.Errorf("keystore: generate data key with %s: %w", keyID, err)
+	}
+	return plaintext, blob, keyID, nil
+}
+
+// Encrypt wraps a data key the caller already has under the CMK ref, bound
+// to ctx: the same blob format as GenerateDataKey. It re-keys a data key
+// (a disk made from a snapshot under another CMK) without touching the data
+// it encrypts. The same authorization and state rules apply.
+func (ks *Keystore) Encrypt(region, ref, principal string, plaintext []byte, ctx map[string]string) (blob []byte, keyID string, err error) {
+	if len(plaintext) < 1 || len(plaintext) > MaxDataKeySize {
+		return nil, "", fmt.Errorf("keystore: encrypt with %s: size %d outside 1..%d: %w", ref, len(plaintext), MaxDataKeySize, ErrInvalid)
+	}
+	blob, keyID, err = ks.wrap("Encrypt", region, ref, principal, plaintext, ctx)
+	if err != nil {
+		return nil, "", fmt.Errorf("keystore: encrypt with %s: %w", keyID, err)
+	}
+	return blob, keyID, nil
+}
+
+// wrap seals plaintext under the primary version of CMK ref. On error keyID
+// is the key's id when it was found, else ref.
+func (ks *Keystore) wrap(action, region, ref, principal string, plaintext []byte, ctx map[string]string) (blob []byte, keyID string, err error) {
+	keyID = ref
 	if err := checkPrincipal(principal); err != nil {
-		return nil, nil, "", fmt.Errorf("keystore: generate data key with %s: %w", ref, err)
+		return nil, keyID, err
 	}
 	cctx, err := canonicalContext(ctx)
 	if err != nil {
-		return nil, nil, "", fmt.Errorf("keystore: generate data key with %s: %w", ref, err)
+		return nil, keyID, err
 	}
-	err = ks.op("GenerateDataKey", principal, region, ref, func(a *auditEntry) error {
+	err = ks.op(action, principal, region, ref, func(a *auditEntry) error {
 		var kf *keyFile
 		var err error
 		if ref == ServiceAlias {
@@ -185,7 +213,6 @@ func (ks *Keystore) GenerateDataKey(region, ref, principal string, n int, ctx ma
 			return err
 		}
 		defer wipe(m)
-		plaintext = newDataKey(n)
 		nonce := randomBytes(nonceSize)
 		header := encodeBlobHeader(region, kf.ID, kf.PrimaryVersion, nonce)
 		aad := append(slices.Clip(header), cctx...)
@@ -193,13 +220,9 @@ func (ks *Keystore) GenerateDataKey(region, ref, principal string, n int, ctx ma
 		return nil
 	})
 	if err != nil {
-		wipe(plaintext)
-		if keyID == "" {
-			keyID = ref
-		}
-		return nil, nil, "", fmt.Errorf("keystore: generate data key with %s: %w", keyID, err)
+		return nil, keyID, err
 	}
-	return plaintext, blob, keyID, nil
+	return blob, keyID, nil
 }
 
 // newDataKey returns n random bytes; for n == 64 the two 32-byte halves differ, since

@@ -238,3 +238,38 @@ func TestConcurrentDataKeys(t *testing.T) {
 		t.Fatalf("%d audit entries, want at least 160", n)
 	}
 }
+
+// TestEncryptRewraps: a data key wrapped again under another CMK by Encrypt
+// unwraps to the same bytes, and Encrypt obeys grants and states.
+func TestEncryptRewraps(t *testing.T) {
+	ks := newTestKeystore(t)
+	ctx := map[string]string{"disk": "d-1"}
+	dk, _, _, err := ks.GenerateDataKey("cn-hangzhou", ServiceAlias, PrincipalECS, 64, ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := ks.CreateKey("cn-hangzhou", CreateKeyOptions{Alias: "alias/other"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ks.Encrypt("cn-hangzhou", k.ID, PrincipalECS, dk, ctx); !errors.Is(err, ErrUnauthorized) {
+		t.Fatalf("Encrypt with an ungranted key: %v, want ErrUnauthorized", err)
+	}
+	if _, err := ks.Grant("cn-hangzhou", k.ID, PrincipalECS); err != nil {
+		t.Fatal(err)
+	}
+	blob, keyID, err := ks.Encrypt("cn-hangzhou", "alias/other", PrincipalECS, dk, ctx)
+	if err != nil || keyID != k.ID {
+		t.Fatalf("Encrypt = %q, %v", keyID, err)
+	}
+	got, gotID, err := ks.Decrypt("cn-hangzhou", PrincipalECS, blob, ctx)
+	if err != nil || gotID != k.ID || !bytes.Equal(got, dk) {
+		t.Fatalf("Decrypt of the re-wrapped key = %q, %v; equal: %v", gotID, err, bytes.Equal(got, dk))
+	}
+	if _, err := ks.DisableKey("cn-hangzhou", k.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ks.Encrypt("cn-hangzhou", k.ID, PrincipalECS, dk, ctx); !errors.Is(err, ErrDisabled) {
+		t.Fatalf("Encrypt with a disabled key: %v, want ErrDisabled", err)
+	}
+}

@@ -137,7 +137,7 @@
 // {time, principal, action, region, ref, key_id, key_version, created_service_key,
 // result ("ok" or "error"), error}. Actions: CreateKeystore, ChangeSecret, CreateKey,
 // DescribeKey, ListKeys, EnableKey, DisableKey, Grant, Revoke, GenerateDataKey,
-// Decrypt, RotateKey, UpdateRotationPolicy, ScheduleKeyDeletion, CancelKeyDeletion,
+// Decrypt, Encrypt, RotateKey, UpdateRotationPolicy, ScheduleKeyDeletion, CancelKeyDeletion,
 // CreateAlias, DeleteAlias, GetParametersForImport, ImportKeyMaterial and
 // DeleteKeyMaterial. Management operations are recorded under the principal "owner".
 // Lines never contain material, data keys or import tokens.

@@ -6,6 +6,7 @@ package keystore
 type KMS interface {
 	GenerateDataKey(region, ref, principal string, n int, ctx map[string]string) (plaintext, blob []byte, keyID string, err error)
 	Decrypt(region, principal string, blob []byte, ctx map[string]string) (plaintext []byte, keyID string, err error)
+	Encrypt(region, ref, principal string, plaintext []byte, ctx map[string]string) (blob []byte, keyID string, err error)
 	DescribeKey(region, ref string) (*KeyInfo, error)
 	ServiceKey(region string) (*KeyInfo, error)
 }
