@@ -114,6 +114,14 @@ func runMount(c *cli.Context) error {
 	if err := checkMount(a); err != nil {
 		return err
 	}
+	// Create the mount point now, and name it as the kernel will (symlinks
+	// resolved), so `encdisk umount` finds it by either name.
+	if err := os.MkdirAll(a.absMP, 0o755); err != nil {
+		return fmt.Errorf("mount point: %w", err)
+	}
+	if r, err := filepath.EvalSymlinks(a.absMP); err == nil {
+		a.absMP = r
+	}
 	e, err := loadEnv(c)
 	if err != nil {
 		return err
@@ -418,6 +426,11 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 		logger.Printf("%s: ok", op)
 		return res, nil
 	}
+	// Work from the volume directory, so a socket path too long for
+	// sun_path can be bound by its short relative name.
+	if err := os.Chdir(a.absVol); err != nil {
+		return err
+	}
 	sock := volume.SocketPath(a.absVol)
 	os.Remove(sock) // we hold the volume's lock: any socket there is stale
 	srv, err := control.Listen(socketAddr(sock), handler)
@@ -592,6 +605,9 @@ func runUmount(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if r, err := filepath.EvalSymlinks(absMP); err == nil {
+		absMP = r
+	}
 	if st, err := readRecord(absMP); err == nil && processAlive(st.PID) {
 		var got daemonStatus
 		err := control.Call(socketAddr(volume.SocketPath(st.Volume)), opDaemonUmount, nil, &got, 2*time.Minute)
@@ -623,6 +639,7 @@ func runUmount(c *cli.Context) error {
 		}
 		return fmt.Errorf("unmount %s: %w", mp, err)
 	}
+	os.Remove(recordPath(absMP)) // a killed daemon's record
 	fmt.Fprintf(c.App.ErrWriter, "encdisk: no encdisk daemon answered for %s; unmounted it with umount(2)\n", mp)
 	fmt.Fprintf(c.App.Writer, "unmounted %s\n", mp)
 	return nil

@@ -13,6 +13,7 @@ import (
 	"github.com/encdisk/encdisk/keystore"
 	"github.com/encdisk/encdisk/volume"
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
 )
 
 // Management operations (SPEC section 4). Every volume command is one
@@ -182,19 +183,25 @@ func fileExists(p string) bool {
 	return err == nil
 }
 
-// socketAddr shortens a socket path that is too long for sun_path (108
-// bytes) to one relative to the working directory, when that helps.
+// socketAddr shortens a socket path too long for sun_path (108 bytes): to
+// one relative to the working directory if that is short enough, else to
+// /proc/self/fd/N/NAME through an O_PATH descriptor of its directory (kept
+// open for the life of the process).
 func socketAddr(p string) string {
 	const max = 107
 	if len(p) <= max {
 		return p
 	}
 	if wd, err := os.Getwd(); err == nil {
-		if rel, err := filepath.Rel(wd, p); err == nil && len(rel) < len(p) {
+		if rel, err := filepath.Rel(wd, p); err == nil && len(rel) <= max {
 			return rel
 		}
 	}
-	return p
+	fd, err := unix.Open(filepath.Dir(p), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return p
+	}
+	return fmt.Sprintf("/proc/self/fd/%d/%s", fd, filepath.Base(p))
 }
 
 // Errors.

@@ -213,3 +213,31 @@ func TestDispatchThroughSocket(t *testing.T) {
 		t.Error("bad list")
 	}
 }
+
+// A volume path too long for sun_path still gets a working socket.
+func TestSocketAddrLongPath(t *testing.T) {
+	dir := t.TempDir()
+	for len(dir) < 150 {
+		dir = filepath.Join(dir, strings.Repeat("d", 40))
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "control.sock")
+	srv, err := control.Listen(socketAddr(p), func(ctx context.Context, op string, args json.RawMessage) (any, error) {
+		return "pong", nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve()
+	defer srv.Close()
+	var got string
+	if err := control.Call(socketAddr(p), "ping", nil, &got, 5*time.Second); err != nil || got != "pong" {
+		t.Fatalf("call: %q %v", got, err)
+	}
+	os.Remove(p)
+	if err := control.Call(socketAddr(p), "ping", nil, &got, 5*time.Second); !errors.Is(err, control.ErrNoDaemon) {
+		t.Fatalf("missing socket: %v, want ErrNoDaemon", err)
+	}
+}
