@@ -273,6 +273,13 @@ func (a kmsAdapter) GenerateDataKey(region, keyRef string, n int, ctx map[string
 	return a.ks.GenerateDataKey(region, keyRef, keystore.PrincipalECS, n, ctx)
 }
 
+func (a kmsAdapter) Encrypt(region, keyRef string, dk []byte, ctx map[string]string) (wrapped []byte, keyID string, err error) {
+	if keyRef == "" {
+		keyRef = keystore.ServiceAlias
+	}
+	return a.ks.Encrypt(region, keyRef, keystore.PrincipalECS, dk, ctx)
+}
+
 func (a kmsAdapter) Decrypt(region string, wrapped []byte, ctx map[string]string) ([]byte, error) {
 	dk, _, err := a.ks.Decrypt(region, keystore.PrincipalECS, wrapped, ctx)
 	return dk, err

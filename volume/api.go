@@ -51,6 +51,9 @@ type KMS interface {
 	GenerateDataKey(region, keyRef string, n int, ctx map[string]string) (dk, wrapped []byte, keyID string, err error)
 	// Decrypt unwraps a data key produced by GenerateDataKey with the same ctx.
 	Decrypt(region string, wrapped []byte, ctx map[string]string) (dk []byte, err error)
+	// Encrypt wraps an existing data key under keyRef ("" as above): the
+	// same data key under another CMK, with no data re-encrypted.
+	Encrypt(region, keyRef string, dk []byte, ctx map[string]string) (wrapped []byte, keyID string, err error)
 }
 
 // InitOptions configure a new volume.

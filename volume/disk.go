@@ -68,6 +68,9 @@ func (h *Disk) Close() error {
 	h.v.mu.Lock()
 	defer h.v.mu.Unlock()
 	delete(h.d.opens, h)
+	if h.d.readonly && len(h.d.opens) == 0 {
+		h.d.wipeKey() // a snapshot view holds its key only while open
+	}
 	return nil
 }
 
@@ -85,6 +88,9 @@ func (h *Disk) Allocated() int64 {
 
 // Resize grows the disk (ResizeDisk).
 func (h *Disk) Resize(size int64) error {
+	if h.d.readonly {
+		return fmt.Errorf("volume: %s is a snapshot: %w", h.d.rec.Name, syscall.EROFS)
+	}
 	_, err := h.v.ResizeDisk(h.d.rec.Name, size)
 	if errors.Is(err, ErrShrink) || errors.Is(err, ErrBadSize) {
 		return fmt.Errorf("%w: %w", syscall.EINVAL, err)
@@ -185,6 +191,9 @@ func (h *Disk) ioErr(op string, err error) error {
 }
 
 func (h *Disk) checkWrite(off int64, n int) error {
+	if h.d.readonly {
+		return fmt.Errorf("volume: %s is a snapshot: %w", h.d.rec.Name, syscall.EROFS)
+	}
 	if !h.writable {
 		return fmt.Errorf("volume: disk %s is open read-only: %w", h.d.rec.Name, syscall.EBADF)
 	}

@@ -70,6 +70,7 @@ type diskRecord struct {
 	Source     string    `json:"source,omitempty"`
 	Created    time.Time `json:"created"`
 	Tree       uint64    `json:"tree"`
+	OriginTree uint64    `json:"origin_tree,omitempty"` // the source's content, for ReInitDisk
 }
 
 // Volume is an open volume. While open it holds the volume's lock: one
@@ -84,6 +85,7 @@ type Volume struct {
 
 	mu     sync.Mutex       // the catalogue below, and each disk's opens and cipher
 	disks  map[string]*disk // by name
+	snaps  map[string]*snapshot
 	kms    KMS
 	closed bool
 
@@ -93,11 +95,12 @@ type Volume struct {
 
 // disk is the in-memory state of one disk, shared by its opens.
 type disk struct {
-	rec    diskRecord
-	cipher *blockcrypt.Cipher // daemon: loaded while attached (nil if unencrypted)
-	keyErr error              // daemon: why the data key could not be loaded
-	opens  map[*Disk]string
-	rmw    [64]sync.Mutex // serialises read-modify-write of partial sectors
+	rec      diskRecord
+	readonly bool               // a snapshot's view
+	cipher   *blockcrypt.Cipher // daemon: loaded while attached (nil if unencrypted)
+	keyErr   error              // daemon: why the data key could not be loaded
+	opens    map[*Disk]string
+	rmw      [64]sync.Mutex // serialises read-modify-write of partial sectors
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -136,8 +139,10 @@ func Init(dir string, o InitOptions) (*Info, error) {
 	} else if len(ents) > 0 {
 		return nil, fmt.Errorf("volume: init %s: the directory is not empty; choose a new or empty directory", dir)
 	}
-	if err := os.MkdirAll(filepath.Join(dir, dataDir), 0o700); err != nil {
-		return nil, fmt.Errorf("volume: init: %w", err)
+	for _, sub := range []string{dataDir, snapshotsDir} {
+		if err := os.MkdirAll(filepath.Join(dir, sub), 0o700); err != nil {
+			return nil, fmt.Errorf("volume: init: %w", err)
+		}
 	}
 	db, err := bolt.Open(filepath.Join(dir, metaFile), 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
@@ -146,8 +151,12 @@ func Init(dir string, o InitOptions) (*Info, error) {
 	err = snapshots.Create(db, filepath.Join(dir, dataDir, poolFile))
 	if err == nil {
 		err = db.Update(func(tx *bolt.Tx) error {
-			_, err := tx.CreateBucketIfNotExists(bucketDisks)
-			return err
+			for _, b := range [][]byte{bucketDisks, bucketSnapshots} {
+				if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+					return err
+				}
+			}
+			return nil
 		})
 	}
 	if cerr := db.Close(); err == nil {
@@ -224,7 +233,7 @@ func Open(dir string, o OpenOptions) (*Volume, error) {
 		}
 		return nil, fmt.Errorf("volume: lock %s: %w", dir, err)
 	}
-	v := &Volume{dir: dir, hdr: *h, opts: o, lock: lf, disks: map[string]*disk{}}
+	v := &Volume{dir: dir, hdr: *h, opts: o, lock: lf, disks: map[string]*disk{}, snaps: map[string]*snapshot{}}
 	if err := v.open(); err != nil {
 		v.release()
 		return nil, err
@@ -252,7 +261,7 @@ func (v *Volume) open() error {
 		if b == nil {
 			return fmt.Errorf("volume: %s: no disk catalogue: %w", v.dir, snapshots.ErrCorrupt)
 		}
-		return b.ForEach(func(k, val []byte) error {
+		err := b.ForEach(func(k, val []byte) error {
 			var r diskRecord
 			if err := json.Unmarshal(val, &r); err != nil || r.ID != string(k) || CheckName(r.Name) != nil {
 				return fmt.Errorf("volume: %s: damaged catalogue entry %q: %w", v.dir, k, snapshots.ErrCorrupt)
@@ -260,13 +269,21 @@ func (v *Volume) open() error {
 			if !st.HasTree(snapshots.TreeID(r.Tree)) {
 				return fmt.Errorf("volume: %s: disk %s has no block map: %w", v.dir, r.Name, snapshots.ErrCorrupt)
 			}
+			if r.OriginTree != 0 && !st.HasTree(snapshots.TreeID(r.OriginTree)) {
+				return fmt.Errorf("volume: %s: disk %s has no origin block map: %w", v.dir, r.Name, snapshots.ErrCorrupt)
+			}
 			v.disks[r.Name] = &disk{rec: r, opens: map[*Disk]string{}}
 			return nil
 		})
+		if err != nil {
+			return err
+		}
+		return v.loadSnapshots(tx)
 	})
 	if err != nil {
 		return err
 	}
+	v.reconcileSnapDirs()
 	if v.opts.Daemon {
 		for _, d := range v.disks {
 			if d.rec.Status == StatusInUse && d.rec.Encrypted {
@@ -501,19 +518,11 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 	if err := CheckName(o.Name); err != nil {
 		return nil, err
 	}
-	if o.Snapshot != "" || o.Image != "" {
-		if o.Snapshot != "" {
-			return nil, fmt.Errorf("volume: create disk %s: snapshot %q: %w", o.Name, o.Snapshot, ErrNotFound)
-		}
-	}
-	if err := checkRules(&o); err != nil {
-		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
-	}
 	if o.Image != "" {
 		return nil, fmt.Errorf("volume: create disk %s: image %q: %w", o.Name, o.Image, ErrNotFound)
 	}
-	if err := validSize(o.Size); err != nil {
-		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+	if o.Snapshot != "" && o.Image != "" {
+		return nil, fmt.Errorf("volume: create disk %s: %w: give a snapshot or an image, not both", o.Name, ErrRule)
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -522,6 +531,25 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 	}
 	if v.disks[o.Name] != nil {
 		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, ErrExists)
+	}
+	var src *snapshot
+	if o.Snapshot != "" {
+		var err error
+		if src, err = v.lookupSnap(o.Snapshot); err != nil {
+			return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+		}
+		if src.rec.Encrypted {
+			o.Encrypted = true // checked by the rules below
+		}
+		if o.Size == 0 {
+			o.Size = src.rec.Size
+		}
+	}
+	if err := checkRules(&o); err != nil {
+		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+	}
+	if err := validSize(o.Size); err != nil {
+		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
 	}
 	r := diskRecord{
 		ID: newID("d-"), Name: o.Name, Size: o.Size, Category: o.Category,
@@ -535,7 +563,19 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 		r.Status = StatusAvailable
 	}
 	d := &disk{opens: map[*Disk]string{}}
-	if o.Encrypted {
+	wantKey := v.opts.Daemon && !o.Detached
+	if src != nil {
+		r.SourceType, r.Source = "snapshot", src.rec.ID
+		dk, err := v.fromSnapshot(src, &o, &r, wantKey)
+		if err != nil {
+			return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+		}
+		if dk != nil {
+			if d.cipher, err = newCipher(dk); err != nil {
+				return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+			}
+		}
+	} else if o.Encrypted {
 		k, err := v.getKMS()
 		if err != nil {
 			return nil, fmt.Errorf("volume: create encrypted disk %s: %w", o.Name, err)
@@ -546,7 +586,7 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 			return nil, fmt.Errorf("volume: create encrypted disk %s: %w", o.Name, err)
 		}
 		r.Encrypted, r.WrappedKey, r.KMSKeyID = true, wrapped, keyID
-		if v.opts.Daemon && !o.Detached {
+		if wantKey {
 			d.cipher, err = newCipher(dk)
 		} else {
 			clear(dk)
@@ -556,7 +596,22 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 		}
 	}
 	err := v.st.Apply(func(tx *snapshots.Tx) error {
-		r.Tree = uint64(tx.NewTree())
+		if src == nil {
+			r.Tree = uint64(tx.NewTree())
+			return nil
+		}
+		// The disk and its origin (kept for ReInitDisk) share the
+		// snapshot's blocks: nothing is copied.
+		t, err := tx.Clone(snapshots.TreeID(src.rec.Tree))
+		if err != nil {
+			return err
+		}
+		origin, err := tx.Clone(snapshots.TreeID(src.rec.Tree))
+		if err != nil {
+			tx.Delete(t)
+			return err
+		}
+		r.Tree, r.OriginTree = uint64(t), uint64(origin)
 		return nil
 	}, func(tx *bolt.Tx) error { return v.putRecord(tx, &r) })
 	if err != nil {
@@ -713,6 +768,11 @@ func (v *Volume) DeleteDisk(name string) (*DiskInfo, error) {
 	}
 	di := v.info(d)
 	err = v.st.Apply(func(tx *snapshots.Tx) error {
+		if d.rec.OriginTree != 0 {
+			if err := tx.Delete(snapshots.TreeID(d.rec.OriginTree)); err != nil {
+				return err
+			}
+		}
 		return tx.Delete(snapshots.TreeID(d.rec.Tree))
 	}, func(tx *bolt.Tx) error { return tx.Bucket(bucketDisks).Delete([]byte(d.rec.ID)) })
 	if err != nil {

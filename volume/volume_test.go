@@ -64,6 +64,23 @@ func (k *fakeKMS) GenerateDataKey(region, ref string, n int, ctx map[string]stri
 	return dk, g.Seal(nonce, nonce, dk, ctxAAD(ctx)), "key-fake", nil
 }
 
+func (k *fakeKMS) Encrypt(region, ref string, dk []byte, ctx map[string]string) ([]byte, string, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.disabled {
+		return nil, "", errors.New("key is Disabled")
+	}
+	blk, _ := aes.NewCipher(k.master)
+	g, _ := cipher.NewGCM(blk)
+	nonce := make([]byte, g.NonceSize())
+	crand.Read(nonce)
+	id := "key-fake"
+	if ref != "" {
+		id = ref
+	}
+	return g.Seal(nonce, nonce, dk, ctxAAD(ctx)), id, nil
+}
+
 func (k *fakeKMS) Decrypt(region string, wrapped []byte, ctx map[string]string) ([]byte, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
