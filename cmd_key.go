@@ -1,23 +1,31 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/encdisk/encdisk/keystore"
+	"github.com/encdisk/encdisk/volume"
 	"github.com/urfave/cli/v2"
 )
 
-func regionFlag() cli.Flag {
-	return &cli.StringFlag{Name: "region", Usage: "the keys' `REGION` (default: config.toml's region, else " + defaultRegion + ")"}
+// keyCommonFlags are the flags of every key command.
+func keyCommonFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "region", Usage: "the keys' `REGION` (default: --volume's region, config.toml's region, else " + defaultRegion + ")"},
+		&cli.StringFlag{Name: "volume", Usage: "use the keystore (and region) recorded by volume `VOL`"},
+		jsonFlag(),
+	}
 }
 
 func keyCommand() *cli.Command {
 	keyFlags := func(extra ...cli.Flag) []cli.Flag {
-		return append(extra, regionFlag(), jsonFlag())
+		return append(extra, keyCommonFlags()...)
 	}
 	return &cli.Command{
 		Name:  "key",
@@ -107,7 +115,7 @@ func keyRefCommand(name, usage, done string, flags []cli.Flag, fn keyFunc) *cli.
 		Name:      name,
 		Usage:     usage,
 		ArgsUsage: "KEY",
-		Flags:     append(flags, regionFlag(), jsonFlag()),
+		Flags:     append(flags, keyCommonFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := needArgs(c, "KEY"); err != nil {
 				return err
@@ -127,15 +135,31 @@ func withKeystore(c *cli.Context, fn func(ks *keystore.Keystore, region string) 
 		return err
 	}
 	region := e.region()
+	absVol := ""
+	if vol := c.String("volume"); vol != "" {
+		if absVol, err = filepath.Abs(vol); err != nil {
+			return err
+		}
+		info, err := volume.ReadInfo(absVol)
+		if err != nil {
+			return volError(err, vol)
+		}
+		if flagString(c, "region") == "" {
+			region = info.Region
+		}
+	}
 	if !keystore.ValidRegion(region) {
 		return usageErrorf("invalid region %q", region)
 	}
-	dir, source, err := e.keystoreFor("")
+	dir, source, err := e.keystoreFor(absVol)
 	if err != nil {
 		return err
 	}
 	ks, err := e.unlock(dir, source)
 	if err != nil {
+		if errors.Is(err, keystore.ErrNoKeystore) && absVol == "" {
+			err = withHint(err, "point to it with --keystore DIR (the one given to `encdisk init`), %s or --volume VOL; or create one with `encdisk init VOL`", envKeystore)
+		}
 		return err
 	}
 	defer ks.Close()

@@ -31,22 +31,20 @@ func byokCommands() []*cli.Command {
 				"   openssl pkeyutl -encrypt -pubin -inkey DIR/" + wrappingKeyFile + " -in material.bin -out wrapped.bin \\\n" +
 				"      -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 -pkeyopt rsa_mgf1_md:sha256\n\n" +
 				"then `encdisk key import KEY --token DIR/" + importTokenFile + " --material wrapped.bin`.",
-			Flags: []cli.Flag{
+			Flags: append([]cli.Flag{
 				&cli.StringFlag{Name: "out", Usage: "write the public key and token to `DIR` (created if missing)"},
-				regionFlag(), jsonFlag(),
-			},
+			}, keyCommonFlags()...),
 			Action: runKeyImportParams,
 		},
 		{
 			Name:      "import",
 			Usage:     "import wrapped material into a BYOK key",
 			ArgsUsage: "KEY",
-			Flags: []cli.Flag{
+			Flags: append([]cli.Flag{
 				&cli.StringFlag{Name: "token", Usage: "`FILE` holding the import token (from import-params)"},
 				&cli.StringFlag{Name: "material", Usage: "`FILE` holding the wrapped material (RSAES-OAEP ciphertext, binary)"},
 				&cli.StringFlag{Name: "expires", Usage: "material expiry `TIME`: RFC 3339, YYYY-MM-DD, or a number of days from now such as 365d (default: never)"},
-				regionFlag(), jsonFlag(),
-			},
+			}, keyCommonFlags()...),
 			Action: runKeyImport,
 		},
 		keyRefCommand("delete-material", "delete the imported material of a BYOK key (back to PendingImport)", "deleted the material of", nil,
