@@ -11,8 +11,8 @@ import (
 
 // backend shows a volume's attached disks through the FUSE layer. It only
 // converts: volume.DiskInfo to fs.DiskEntry, and volume errors to the errno
-// the kernel should see. Snapshots are not shown yet (the volume has no
-// snapshot API), so .snapshots is empty.
+// the kernel should see. Snapshots show read-only under
+// .snapshots/DISK/SNAP.
 type backend struct {
 	v *volume.Volume
 }
@@ -37,7 +37,7 @@ func errno(err error) error {
 		return nil
 	case errors.As(err, &e):
 		return err
-	case errors.Is(err, volume.ErrNotFound), errors.Is(err, volume.ErrNotAttached):
+	case errors.Is(err, volume.ErrNotFound), errors.Is(err, volume.ErrNotAttached), errors.Is(err, volume.ErrNoSnapshot):
 		return fmt.Errorf("%w: %w", syscall.ENOENT, err)
 	case errors.Is(err, volume.ErrInUse), errors.Is(err, volume.ErrLocked):
 		return fmt.Errorf("%w: %w", syscall.EBUSY, err)
@@ -77,16 +77,41 @@ func (b backend) OpenDisk(name string, writable bool, who string) (fs.Disk, erro
 	return d, nil
 }
 
-func (b backend) Snapshots(disk string) ([]fs.DiskEntry, error) { return nil, nil }
+func snapEntry(s *volume.SnapshotInfo) fs.DiskEntry {
+	return fs.DiskEntry{Name: s.Name, Size: s.Size, Allocated: s.Allocated, ReadOnly: true, ModTime: s.Created}
+}
 
-func (b backend) SnapshotDisks() ([]string, error) { return nil, nil }
+func (b backend) Snapshots(disk string) ([]fs.DiskEntry, error) {
+	ss, err := b.v.ListSnapshots(disk)
+	if err != nil {
+		return nil, errno(err)
+	}
+	out := make([]fs.DiskEntry, 0, len(ss))
+	for i := range ss {
+		out = append(out, snapEntry(&ss[i]))
+	}
+	return out, nil
+}
+
+func (b backend) SnapshotDisks() ([]string, error) { return b.v.SnapshotDisks(), nil }
 
 func (b backend) StatSnapshot(disk, snap string) (fs.DiskEntry, error) {
-	return fs.DiskEntry{}, fmt.Errorf("%w: no snapshot %s/%s", syscall.ENOENT, disk, snap)
+	s, err := b.v.ShowSnapshot(snap)
+	if err != nil {
+		return fs.DiskEntry{}, errno(err)
+	}
+	if s.Disk != disk {
+		return fs.DiskEntry{}, fmt.Errorf("%w: snapshot %s is not of disk %s", syscall.ENOENT, snap, disk)
+	}
+	return snapEntry(s), nil
 }
 
 func (b backend) OpenSnapshot(disk, snap, who string) (fs.Disk, error) {
-	return nil, fmt.Errorf("%w: no snapshot %s/%s", syscall.ENOENT, disk, snap)
+	d, err := b.v.OpenSnapshot(disk, snap, who)
+	if err != nil {
+		return nil, errno(err)
+	}
+	return d, nil
 }
 
 func (b backend) StatFS() (fs.StatFS, error) {

@@ -69,6 +69,17 @@ func diskCommand() *cli.Command {
 				},
 				Action: runDiskResize,
 			},
+			{
+				Name:      "reset",
+				Usage:     "roll a disk back to one of its snapshots (the disk must not be open)",
+				ArgsUsage: "VOL NAME",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "snapshot", Usage: "the `SNAPSHOT` to roll back to"},
+					jsonFlag(),
+				},
+				Action: runDiskReset,
+			},
+			diskNameCommand("reinit", "return a disk to the state it was created in (zeros, or its source's content)", opDiskReinit, "re-initialized"),
 			diskNameCommand("delete", "delete a detached disk and its data", opDiskDelete, "deleted"),
 		},
 	}
@@ -298,6 +309,25 @@ func runDiskResize(c *cli.Context) error {
 		return printJSON(c, d)
 	}
 	fmt.Fprintf(c.App.Writer, "resized disk %s (%s) to %s\n", d.Name, d.ID, humanSize(d.Size))
+	return nil
+}
+
+func runDiskReset(c *cli.Context) error {
+	if err := needArgs(c, "VOL", "NAME"); err != nil {
+		return err
+	}
+	snap := c.String("snapshot")
+	if snap == "" {
+		return withHint(usageErrorf("disk reset: missing --snapshot SNAP"), "`encdisk snapshot list %s %s` lists its snapshots", c.Args().Get(0), c.Args().Get(1))
+	}
+	var d volume.DiskInfo
+	if err := volumeCall(c, c.Args().Get(0), opDiskReset, resetArgs{c.Args().Get(1), snap}, &d); err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c, d)
+	}
+	fmt.Fprintf(c.App.Writer, "reset disk %s (%s) to snapshot %s\n", d.Name, d.ID, snap)
 	return nil
 }
 

@@ -31,6 +31,13 @@ const (
 	opDiskDetach = "disk.detach"
 	opDiskResize = "disk.resize"
 	opDiskDelete = "disk.delete"
+	opDiskReset  = "disk.reset"
+	opDiskReinit = "disk.reinit"
+
+	opSnapCreate = "snapshot.create"
+	opSnapList   = "snapshot.list"
+	opSnapShow   = "snapshot.show"
+	opSnapDelete = "snapshot.delete"
 
 	// Daemon-only operations, answered by the mount daemon itself.
 	opDaemonStatus = "daemon.status"
@@ -44,6 +51,20 @@ type nameArgs struct {
 type resizeArgs struct {
 	Name string `json:"name"`
 	Size int64  `json:"size"`
+}
+
+type resetArgs struct {
+	Name     string `json:"name"`
+	Snapshot string `json:"snapshot"`
+}
+
+type snapCreateArgs struct {
+	Disk string `json:"disk"`
+	Name string `json:"name"`
+}
+
+type snapListArgs struct {
+	Disk string `json:"disk,omitempty"` // "" for all
 }
 
 // dispatch runs op with args on v.
@@ -62,7 +83,7 @@ func dispatch(v *volume.Volume, op string, args json.RawMessage) (any, error) {
 			return nil, err
 		}
 		return v.ListDisks()
-	case opDiskShow, opDiskAttach, opDiskDetach, opDiskDelete:
+	case opDiskShow, opDiskAttach, opDiskDetach, opDiskDelete, opDiskReinit:
 		var a nameArgs
 		if err := decodeArgs(op, args, &a); err != nil {
 			return nil, err
@@ -74,6 +95,8 @@ func dispatch(v *volume.Volume, op string, args json.RawMessage) (any, error) {
 			return v.AttachDisk(a.Name)
 		case opDiskDetach:
 			return v.DetachDisk(a.Name)
+		case opDiskReinit:
+			return v.ReInitDisk(a.Name)
 		default:
 			return v.DeleteDisk(a.Name)
 		}
@@ -83,6 +106,33 @@ func dispatch(v *volume.Volume, op string, args json.RawMessage) (any, error) {
 			return nil, err
 		}
 		return v.ResizeDisk(a.Name, a.Size)
+	case opDiskReset:
+		var a resetArgs
+		if err := decodeArgs(op, args, &a); err != nil {
+			return nil, err
+		}
+		return v.ResetDisk(a.Name, a.Snapshot)
+	case opSnapCreate:
+		var a snapCreateArgs
+		if err := decodeArgs(op, args, &a); err != nil {
+			return nil, err
+		}
+		return v.CreateSnapshot(a.Disk, a.Name)
+	case opSnapList:
+		var a snapListArgs
+		if err := decodeArgs(op, args, &a); err != nil {
+			return nil, err
+		}
+		return v.ListSnapshots(a.Disk)
+	case opSnapShow, opSnapDelete:
+		var a nameArgs
+		if err := decodeArgs(op, args, &a); err != nil {
+			return nil, err
+		}
+		if op == opSnapShow {
+			return v.ShowSnapshot(a.Name)
+		}
+		return v.DeleteSnapshot(a.Name)
 	}
 	return nil, fmt.Errorf("unknown operation %q (is the mount daemon an older encdisk? remount the volume)", op)
 }
@@ -227,6 +277,7 @@ var errorKinds = []struct {
 	{volume.ErrAttached, "attached"},
 	{volume.ErrRule, "rule"},
 	{volume.ErrNoKMS, "no_kms"},
+	{volume.ErrNoSnapshot, "no_snapshot"},
 	{keystore.ErrWrongSecret, "wrong_secret"},
 	{keystore.ErrNoKeystore, "no_keystore"},
 	{keystore.ErrKeyNotFound, "key_not_found"},
@@ -285,6 +336,8 @@ func hintFor(err error) string {
 		return fmt.Sprintf("another encdisk process holds %s; if its mount daemon is starting or stopping, try again in a moment", vol)
 	case "not_found":
 		return fmt.Sprintf("list the disks with `encdisk disk list %s`", vol)
+	case "no_snapshot":
+		return fmt.Sprintf("list the snapshots with `encdisk snapshot list %s`", vol)
 	case "exists":
 		return fmt.Sprintf("choose another name; `encdisk disk list %s` shows the names in use", vol)
 	case "in_use":

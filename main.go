@@ -87,6 +87,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			mountCommand(),
 			umountCommand(),
 			diskCommand(),
+			snapshotCommand(),
 			keyCommand(),
 		},
 		OnUsageError: func(c *cli.Context, err error, isSubcommand bool) error {
