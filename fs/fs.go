@@ -107,6 +107,10 @@ type Options struct {
 	// instead of opening disk files with FOPEN_DIRECT_IO. See the package
 	// documentation for the measurements behind the default.
 	PageCache bool
+	// AsyncDIO lets the kernel send several direct I/O requests of one
+	// submitter at once (FUSE_ASYNC_DIO), as a loop device with direct-io
+	// or io_uring do.
+	AsyncDIO bool
 	// AttrTimeout is how long the kernel may cache a file's attributes
 	// (size, st_blocks). Zero means attributes are asked for every time.
 	AttrTimeout time.Duration
@@ -165,6 +169,14 @@ func Mount(mountpoint string, b Backend, o Options) (*Server, error) {
 		// that could be spliced: without this go-fuse tries a pipe for
 		// every reply before falling back to writev.
 		DisableSplice: true,
+	}
+	if !o.PageCache {
+		// Shared mmap of a direct-I/O file (kernel 6.6 and later);
+		// without it mmap(MAP_SHARED) fails with ENODEV.
+		mopts.ExtraCapabilities |= fuse.CAP_DIRECT_IO_ALLOW_MMAP
+	}
+	if o.AsyncDIO {
+		mopts.ExtraCapabilities |= fuse.CAP_ASYNC_DIO
 	}
 	fsopts := &gofs.Options{
 		MountOptions: mopts,

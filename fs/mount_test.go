@@ -642,3 +642,32 @@ func TestConcurrent(t *testing.T) {
 		}
 	})
 }
+
+func TestMmap(t *testing.T) {
+	cacheModes(t, func(t *testing.T, m *tmount) {
+		s := m.b.add("d", 1<<20)
+		s.writeAt([]byte("hello"), 8192)
+		f, err := os.OpenFile(m.path("d"), os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		mem, err := unix.Mmap(int(f.Fd()), 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			t.Fatalf("mmap: %v", err)
+		}
+		if string(mem[8192:8197]) != "hello" {
+			t.Errorf("mapped %q, want hello", mem[8192:8197])
+		}
+		copy(mem[100:], "mapped")
+		if err := unix.Msync(mem, unix.MS_SYNC); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Munmap(mem); err != nil {
+			t.Fatal(err)
+		}
+		if got := string(s.bytes()[100:106]); got != "mapped" {
+			t.Errorf("disk has %q after msync, want mapped", got)
+		}
+	})
+}
