@@ -3,6 +3,7 @@ package snapshots
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -100,9 +101,21 @@ func (s *Store) restoreLocked(c *changes) {
 	s.dirtyFree, s.dirtyCounters = true, true
 }
 
+// sortedKeys returns m's keys in increasing order: bbolt inserts in key
+// order cheaply, and in random order with a memmove per key.
+func sortedKeys[V any](m map[uint64]V) []uint64 {
+	keys := make([]uint64, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
 func (c *changes) write(tx *bolt.Tx) error {
 	nodes := tx.Bucket(bucketNodes)
-	for id, v := range c.nodes {
+	for _, id := range sortedKeys(c.nodes) {
+		v := c.nodes[id]
 		var err error
 		if v == nil {
 			err = nodes.Delete(u64(id))
@@ -115,7 +128,8 @@ func (c *changes) write(tx *bolt.Tx) error {
 	}
 	putRefs := func(name []byte, m map[uint64]uint32) error {
 		b := tx.Bucket(name)
-		for id, r := range m {
+		for _, id := range sortedKeys(m) {
+			r := m[id]
 			var err error
 			if r <= 1 {
 				err = b.Delete(u64(id))
@@ -215,7 +229,20 @@ func (s *Store) persist(c *changes, extra func(tx *bolt.Tx) error) error {
 	if err != nil {
 		return fmt.Errorf("snapshots: commit metadata: %w", err)
 	}
+	s.mu.Lock()
+	s.metaBytes += c.size()
+	s.mu.Unlock()
 	return nil
+}
+
+// size is the number of metadata bytes the commit writes (keys and values).
+func (c *changes) size() uint64 {
+	n := uint64(len(c.nodes))*(8+nodeSize) + uint64(len(c.nodeRefs)+len(c.blockRefs))*12 +
+		uint64(len(c.trees))*24 + 3*16
+	if c.writeFree {
+		n += uint64(len(c.free)) * 16
+	}
+	return n
 }
 
 // retire punches the blocks a durable commit freed and makes them reusable.

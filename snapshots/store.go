@@ -106,6 +106,8 @@ type Store struct {
 	dirtyCounters  bool
 
 	poisoned error
+
+	metaBytes uint64 // metadata bytes committed so far (nodes, counts, free list)
 }
 
 // DB returns the metadata database, for the caller's own buckets. Write to it
@@ -331,13 +333,14 @@ type Stats struct {
 	FreeBlocks uint64 // of those, free
 	Trees      int
 	Nodes      int // nodes loaded in memory
+	MetaBytes  uint64 // metadata bytes committed since the store was opened
 }
 
 // Stats reports the pool's use.
 func (s *Store) Stats() Stats {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	st := Stats{Blocks: s.hwm, Trees: len(s.trees), Nodes: len(s.nodes)}
+	st := Stats{Blocks: s.hwm, Trees: len(s.trees), Nodes: len(s.nodes), MetaBytes: s.metaBytes}
 	for _, l := range [][]extent{s.free, s.pending, s.committing} {
 		for _, e := range l {
 			st.FreeBlocks += e.n

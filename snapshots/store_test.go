@@ -286,7 +286,7 @@ func TestRandomAgainstModel(t *testing.T) {
 			durable[id] = m.clone()
 		}
 	}
-	for step := 0; step < 2000; step++ {
+	for step := 0; step < 1500; step++ {
 		id := pick()
 		switch op := rng.IntN(100); {
 		case op < 50:
