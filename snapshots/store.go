@@ -332,7 +332,7 @@ type Stats struct {
 	Blocks     uint64 // blocks the pool file spans (high-water mark)
 	FreeBlocks uint64 // of those, free
 	Trees      int
-	Nodes      int // nodes loaded in memory
+	Nodes      int    // nodes loaded in memory
 	MetaBytes  uint64 // metadata bytes committed since the store was opened
 }
 
