@@ -73,6 +73,9 @@ func umountCommand() *cli.Command {
 	}
 }
 
+// mountReadyTimeout bounds how long `encdisk mount` waits for its daemon.
+const mountReadyTimeout = 2 * time.Minute
+
 // daemonSecret is what the parent hands the daemon child through fd 3.
 type daemonSecret struct {
 	Keystore   string `json:"keystore,omitempty"` // "" when there is no keystore
@@ -240,9 +243,26 @@ func spawnDaemon(c *cli.Context, a mountArgs, sec *daemonSecret) error {
 	}
 
 	var r daemonReady
-	line, rerr := bufio.NewReader(readyR).ReadBytes('\n')
-	if rerr == nil {
-		rerr = json.Unmarshal(line, &r)
+	type readResult struct {
+		line []byte
+		err  error
+	}
+	got := make(chan readResult, 1)
+	go func() {
+		line, err := bufio.NewReader(readyR).ReadBytes('\n')
+		got <- readResult{line, err}
+	}()
+	var rerr error
+	select {
+	case res := <-got:
+		rerr = res.err
+		if rerr == nil {
+			rerr = json.Unmarshal(res.line, &r)
+		}
+	case <-time.After(mountReadyTimeout):
+		cmd.Process.Kill()
+		cmd.Wait()
+		return withHint(fmt.Errorf("the mount daemon was not ready after %v; stopped it", mountReadyTimeout), "see %s:%s", logPath, tail(logPath, 5))
 	}
 	if rerr == nil && r.OK {
 		pid := cmd.Process.Pid
