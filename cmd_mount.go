@@ -156,7 +156,7 @@ func checkMount(a mountArgs) error {
 		return fmt.Errorf("mount point %s is not a directory", a.mp)
 	}
 	if mounted, _ := isMountpoint(a.absMP); mounted {
-		return withHint(fmt.Errorf("%s is already a mount point", a.mp), "choose another directory, or unmount it first")
+		return withHint(fmt.Errorf("%s is already a mount point", a.mp), "choose another directory, or unmount it first (`encdisk umount %s`)", a.mp)
 	}
 	if isInside(a.absMP, a.absVol) {
 		return fmt.Errorf("mount point %s is inside the volume %s", a.mp, a.vol)
@@ -168,8 +168,9 @@ func checkMount(a mountArgs) error {
 // there is a terminal). A volume without a reachable keystore mounts without
 // one: its unencrypted disks work, encrypted ones are refused.
 func mountSecret(e *env, absVol string) (*daemonSecret, error) {
-	dir, _, err := e.keystoreFor(absVol)
+	dir, source, err := e.keystoreFor(absVol)
 	if err != nil || !keystore.Exists(dir) {
+		fmt.Fprintf(e.c.App.ErrWriter, "encdisk: warning: no keystore at %s (from %s): encrypted disks cannot be created or attached while mounted\n", dir, source)
 		return &daemonSecret{}, nil
 	}
 	s, err := e.secret(dir, false)
