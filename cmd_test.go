@@ -241,3 +241,62 @@ func TestSocketAddrLongPath(t *testing.T) {
 		t.Fatalf("missing socket: %v, want ErrNoDaemon", err)
 	}
 }
+
+// A volume held by another process (a daemon starting: locked, not yet
+// listening) is retried through its socket; one that stays locked fails
+// with a clear error.
+func TestRoutingLockedVolume(t *testing.T) {
+	t.Setenv("HOME", t.TempDir())
+	t.Setenv("ENCDISK_CONFIG", "")
+	base, err := os.MkdirTemp("", "encr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(base)
+	dir := filepath.Join(base, "vol")
+	if _, err := volume.Init(dir, volume.InitOptions{Region: "cn-hangzhou"}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := volume.Open(dir, volume.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+
+	var out, errb bytes.Buffer
+	start := time.Now()
+	code := run([]string{"encdisk", "disk", "list", dir}, &out, &errb)
+	if code != exitError || !strings.Contains(errb.String(), "in use by another encdisk process") ||
+		!strings.Contains(errb.String(), "encdisk: hint: another encdisk process holds") {
+		t.Fatalf("locked: code %d, stderr %q", code, errb.String())
+	}
+	if d := time.Since(start); d < time.Second {
+		t.Errorf("gave up after %v without retrying", d)
+	}
+
+	// Now the "daemon" starts listening a moment after the command began.
+	go func() {
+		time.Sleep(500 * time.Millisecond)
+		srv, err := control.Listen(volume.SocketPath(dir), func(ctx context.Context, op string, args json.RawMessage) (any, error) {
+			res, err := dispatch(v, op, args)
+			if err != nil {
+				return nil, toControlError(err)
+			}
+			return res, nil
+		})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		t.Cleanup(func() { srv.Close() })
+		srv.Serve()
+	}()
+	out.Reset()
+	errb.Reset()
+	if code := run([]string{"encdisk", "disk", "list", dir, "--json"}, &out, &errb); code != 0 {
+		t.Fatalf("through the late daemon: code %d, stderr %q", code, errb.String())
+	}
+	if strings.TrimSpace(out.String()) != "[]" {
+		t.Errorf("stdout %q", out.String())
+	}
+}
