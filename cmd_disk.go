@@ -163,34 +163,37 @@ func runDiskCreate(c *cli.Context) error {
 	if d.Status != volume.StatusInUse {
 		state = "detached"
 	}
-	fmt.Fprintf(c.App.Writer, "created disk %s (%s), %s\n", d.Name, diskSummary(&d, o.KMSKeyID), state)
+	fmt.Fprintf(c.App.Writer, "created disk %s (%s), %s\n", d.Name, diskSummary(&d, &o), state)
 	return nil
 }
 
-// diskSummary is "d-…, 8.0 GiB, cloud_essd, encrypted with …".
-func diskSummary(d *volume.DiskInfo, keyRef string) string {
+// diskSummary is "d-…, 8.0 GiB, cloud_essd, encrypted with …" for a disk
+// just created with o.
+func diskSummary(d *volume.DiskInfo, o *volume.CreateDiskOptions) string {
 	parts := []string{d.ID, humanSize(d.Size), d.Category}
 	if d.Role == "system" {
 		parts = append(parts, "system")
 	}
-	parts = append(parts, encryptionSummary(d, keyRef))
+	parts = append(parts, encryptionSummary(d, o.KMSKeyID))
 	if d.SourceType != "" && d.SourceType != "blank" {
-		parts = append(parts, "from "+d.SourceType+" "+d.Source)
+		parts = append(parts, "from "+d.SourceType+" "+firstNonEmpty(o.Snapshot, o.Image, d.Source))
 	}
 	return strings.Join(parts, ", ")
 }
 
+// encryptionSummary names the disk's key as the user asked for it: the
+// alias given with --kms-key-id, or the service key alias for a new blank
+// disk encrypted by default (a disk from a snapshot keeps its source's key).
 func encryptionSummary(d *volume.DiskInfo, keyRef string) string {
-	if !d.Encrypted {
+	switch {
+	case !d.Encrypted:
 		return "not encrypted"
-	}
-	switch keyRef {
-	case "":
+	case keyRef != "" && keyRef != d.KMSKeyID:
+		return "encrypted with " + keyRef + " " + d.KMSKeyID
+	case keyRef == "" && (d.SourceType == "" || d.SourceType == "blank"):
 		return "encrypted with " + keystore.ServiceAlias + " " + d.KMSKeyID
-	case d.KMSKeyID:
-		return "encrypted with " + d.KMSKeyID
 	}
-	return "encrypted with " + keyRef + " " + d.KMSKeyID
+	return "encrypted with " + d.KMSKeyID
 }
 
 func runDiskList(c *cli.Context) error {
