@@ -25,6 +25,25 @@
 // The output is bit for bit that of golang.org/x/crypto/xts, which the tests
 // use as the reference, and passes the IEEE P1619-2007 XTS-AES-256 vectors.
 //
+// # Engines
+//
+// [New] picks the fastest engine the CPU supports, and all of them produce
+// the same bytes:
+//
+//   - vaes512 (amd64 with AVX-512F/BW, VAES and VPCLMULQDQ): four AES blocks
+//     per 512-bit register, 32 blocks in flight, tweaks computed in
+//     registers.
+//   - aesni (amd64 with AES-NI, PCLMULQDQ and AVX): eight blocks in flight
+//     on 128-bit registers.
+//   - generic (any other CPU, or the purego build tag): crypto/aes through
+//     cipher.Block, one block at a time.
+//
+// The amd64 kernels are generated from the avo program in _asm (see the
+// comment there); PERFORMANCE.txt has measurements. The first call of New
+// runs a known-answer test of the chosen engine and returns an error rather
+// than a Cipher if it fails, so a bad build or CPU cannot write garbage to
+// a disk.
+//
 // # Threat model
 //
 // XTS protects the confidentiality of data at rest against someone who
@@ -57,17 +76,19 @@
 // [New] copies what it needs out of the caller's key, so the caller may
 // zero its key right after. [Cipher.Wipe] zeroes the expanded AES round keys
 // that the Cipher holds. Go's garbage collector may have copied key-derived
-// memory before, and registers and stack frames are not scrubbed, so Wipe is
-// defense in depth, not a guarantee.
+// memory before, and temporaries of the key expansion on the Go stack are
+// not scrubbed, so Wipe is defense in depth, not a guarantee. The assembly
+// kernels clear every vector register they used before returning.
 //
-// On amd64 (the fast path, see PERFORMANCE.txt) the round keys live in the
-// Cipher itself and Wipe really zeroes them. The portable path, used on
-// other architectures and with the purego build tag, delegates the block
-// cipher to crypto/aes, whose expanded key sits in an unexported structure
-// that cannot be zeroed from outside; Wipe then only drops the references
-// and leaves the schedule to the garbage collector. We accept that rather
-// than carry our own table-based AES in Go: crypto/aes uses the hardware AES
-// instructions of arm64, s390x, ppc64 and the like (constant time and many
-// times faster than any portable Go code), and a Go AES would be slower than
-// golang.org/x/crypto/xts, the floor this package must not go below.
+// With an assembly engine (amd64 with AES-NI) the round keys live in the
+// Cipher itself and Wipe really zeroes them. The portable engine, used on
+// other architectures, on old amd64 CPUs and with the purego build tag,
+// delegates the block cipher to crypto/aes, whose expanded key sits in an
+// unexported structure that cannot be zeroed from outside; Wipe then only
+// drops the references and leaves the schedule to the garbage collector.
+// We accept that rather than carry our own table-based AES in Go: crypto/aes
+// uses the hardware AES instructions of arm64, s390x, ppc64 and the like
+// (constant time and many times faster than portable Go code), and a Go AES
+// would be slower there than golang.org/x/crypto/xts, the floor this
+// package must not go below.
 package blockcrypt
