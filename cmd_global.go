@@ -82,8 +82,13 @@ func loadEnv(c *cli.Context) (*env, error) {
 			return nil, err
 		}
 	}
-	e.passphraseFile = firstNonEmpty(flagString(c, "passphrase-file"), os.Getenv(envPassphraseFile))
-	e.rootKeyFile = firstNonEmpty(flagString(c, "root-key-file"), os.Getenv(envRootKeyFile))
+	// The secret comes from the first source that names one: flags, then
+	// the environment, then the config (so --root-key-file overrides an
+	// ENCDISK_PASSPHRASE_FILE in the environment).
+	e.passphraseFile, e.rootKeyFile = flagString(c, "passphrase-file"), flagString(c, "root-key-file")
+	if e.passphraseFile == "" && e.rootKeyFile == "" {
+		e.passphraseFile, e.rootKeyFile = os.Getenv(envPassphraseFile), os.Getenv(envRootKeyFile)
+	}
 	if e.passphraseFile == "" && e.rootKeyFile == "" {
 		e.passphraseFile, e.rootKeyFile = cfg.PassphraseFile, cfg.RootKeyFile
 	}

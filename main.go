@@ -89,6 +89,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			diskCommand(),
 			snapshotCommand(),
 			keyCommand(),
+			keystoreCommand(),
 		},
 		OnUsageError: func(c *cli.Context, err error, isSubcommand bool) error {
 			return usageErrorf("%v", err)
