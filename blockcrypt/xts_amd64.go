@@ -12,7 +12,7 @@ import (
 // The amd64 engines. Kernels are generated into xts_amd64.s by the avo
 // program in _asm; this file expands the keys and picks a kernel.
 
-//go:generate sh -c "cd _asm && go run . -pkg blockcrypt -out ../xts_amd64.s -stubs ../xts_amd64_stubs.go"
+//go:generate sh -c "cd _asm && go run . -out ../xts_amd64.s -stubs ../xts_amd64_stubs.go"
 
 var (
 	// hasVAES512 needs AVX-512F (zmm registers, VPTERNLOGD, VALIGNQ...),
@@ -120,6 +120,9 @@ func subWord(w uint32) uint32 {
 
 // expandKey is the AES-256 key schedule of FIPS 197, section 5.2. The
 // words are kept in the round key buffer only, so Wipe reaches all of them.
+// Its S-box lookups are indexed by key bytes, as in crypto/aes's portable
+// code; it runs once per New, not per sector. (AESKEYGENASSIST in assembly
+// would avoid the table; left as a possible hardening.)
 func expandKey(rk *[240]byte, key []byte) {
 	copy(rk[:32], key)
 	rcon := uint32(1)

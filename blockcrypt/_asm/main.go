@@ -8,8 +8,8 @@
 //
 //   - xts{Enc,Dec}VAES512: VAES and VPCLMULQDQ on 512-bit registers
 //     (AVX-512F/BW). Each zmm register holds four AES blocks, so one VAESENC
-//     does a round of four blocks. The main loop keeps four registers (16
-//     blocks, 256 bytes) in flight so that the AES unit always has
+//     does a round of four blocks. The main loop keeps eight registers (32
+//     blocks, 512 bytes) in flight so that the AES unit always has
 //     independent work while earlier rounds are in its pipeline. All fifteen
 //     round keys stay in registers Z16-Z30 for the whole call.
 //   - xts{Enc,Dec}AESNI: AES-NI and PCLMULQDQ with AVX (VEX) encodings on
@@ -20,8 +20,9 @@
 // The design follows the published descriptions: Intel's AES-NI white papers
 // on pipelining independent blocks, and the Linux aes-xts-avx10 notes on
 // computing tweaks in registers (multiply by x^k with a carry-less multiply
-// for the reduction) and folding the last tweak XOR into the last round key.
-// The code is our own.
+// for the reduction, so that all the tweaks of an iteration advance in
+// parallel rather than as a chain of multiplications by x). The code is our
+// own.
 //
 // avo v0.5.0 knows VAES and VPCLMULQDQ only in their 128-bit forms, so the
 // 512-bit forms are emitted as raw instructions (see raw); the Go assembler
@@ -29,6 +30,7 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 
 	. "github.com/mmcloughlin/avo/build"
@@ -57,6 +59,12 @@ var (
 )
 
 func main() {
+	// Package would load blockcrypt's types, which needs the main module;
+	// naming the package is all the stubs need.
+	flag.Parse()
+	if flag.Lookup("pkg").Value.String() == "" {
+		flag.Set("pkg", "blockcrypt")
+	}
 	ConstraintExpr("amd64,!purego")
 
 	gfMask = GLOBL("xtsGFMask", RODATA|NOPTR)
