@@ -241,6 +241,37 @@ func TestSelfTestVector(t *testing.T) {
 	}
 }
 
+// TestSelfTestCatchesFaults damages each engine's key material and expects
+// the start-up test to refuse it.
+func TestSelfTestCatchesFaults(t *testing.T) {
+	key, _ := selfTestInputs()
+	for _, e := range engines() {
+		t.Run(e.name+"/data key", func(t *testing.T) {
+			c := e.cipher(t, key[:])
+			if e.impl == implGeneric {
+				other := *key
+				other[0] ^= 1
+				c.k1 = engine{"generic", implGeneric}.cipher(t, other[:]).k1
+			} else {
+				c.rk.bytes()[7*16] ^= 1 // a middle round key of K1
+			}
+			if err := checkKnownAnswer(c); err == nil {
+				t.Error("self-test passed with a damaged data key")
+			}
+		})
+		t.Run(e.name+"/decryption", func(t *testing.T) {
+			if e.impl == implGeneric {
+				t.Skip("crypto/aes derives its decryption keys itself")
+			}
+			c := e.cipher(t, key[:])
+			c.rk.bytes()[240+5*16] ^= 1 // a middle round key of the decryption schedule
+			if err := checkKnownAnswer(c); err == nil {
+				t.Error("self-test passed with a damaged decryption schedule")
+			}
+		})
+	}
+}
+
 // differential compares one engine with x/crypto/xts on data, any non-zero
 // multiple of 16 bytes, out of place and in place, both directions.
 func differential(t *testing.T, e engine, key []byte, unit uint64, data []byte) {
