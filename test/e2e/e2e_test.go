@@ -186,10 +186,13 @@ func loopMount(t *testing.T, file, dir string) func() {
 			return
 		}
 		done = true
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v\n%s", dir, err, out)
+		// A test (or a script it runs) may have taken them down already.
+		if exec.Command("mountpoint", "-q", dir).Run() == nil {
+			if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
+				t.Errorf("umount %s: %v\n%s", dir, err, out)
+			}
 		}
-		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil && !strings.Contains(string(out), "No such device") {
 			t.Errorf("losetup -d %s: %v\n%s", dev, err, out)
 		}
 	}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Roll a disk back to one of its snapshots, even while its file system is
+# mounted through a loop device: unmount it, detach the loop device, reset
+# the disk, then attach and mount it again where it was.
+#
+#   rollback.sh VOL DISK SNAPSHOT [MOUNTPOINT]
+#
+# MOUNTPOINT is where `encdisk mount` shows the volume's disks; with it, the
+# script finds the loop device backing MOUNTPOINT/DISK and the file system on
+# it. Without it, the disk must not be in use. ENCDISK names the binary.
+set -euo pipefail
+if [ $# -lt 3 ] || [ $# -gt 4 ]; then
+	echo "usage: $0 VOL DISK SNAPSHOT [MOUNTPOINT]" >&2
+	exit 2
+fi
+vol=$1 disk=$2 snap=$3 mp=${4:-}
+encdisk=${ENCDISK:-encdisk}
+
+# Refuse early, before touching anything, if the snapshot is not this disk's.
+"$encdisk" snapshot show "$vol" "$snap" >/dev/null
+
+loop="" fsdir="" opts=""
+if [ -n "$mp" ]; then
+	file=$mp/$disk
+	loop=$(losetup -n -O NAME -j "$file" | head -n 1 | tr -d ' ')
+	if [ -n "$loop" ]; then
+		fsdir=$(findmnt -n -o TARGET --source "$loop" | head -n 1 || true)
+		if [ -n "$fsdir" ]; then
+			opts=$(findmnt -n -o OPTIONS --target "$fsdir" | head -n 1)
+			echo "rollback: unmounting $fsdir ($loop)"
+			umount "$fsdir"
+		fi
+		losetup -d "$loop"
+		# The loop device releases the file asynchronously.
+		for _ in $(seq 50); do
+			losetup -j "$file" | grep -q . || break
+			sleep 0.1
+		done
+	fi
+fi
+
+"$encdisk" disk reset "$vol" "$disk" --snapshot "$snap"
+
+if [ -n "$loop" ]; then
+	newloop=$(losetup -f --show "$mp/$disk")
+	if [ -n "$fsdir" ]; then
+		mount -o "$opts" "$newloop" "$fsdir"
+		echo "rollback: $fsdir mounted again from $newloop"
+	else
+		echo "rollback: $mp/$disk attached again as $newloop"
+	fi
+fi

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Take a snapshot of a disk and keep only the newest KEEP of the snapshots
+# this script made (named nightly-YYYYmmdd-HHMMSS-NNNNNNNNN); other
+# snapshots of the disk are never touched. Works whether the volume is
+# mounted or not; the snapshot is crash-consistent.
+#
+#   snapshot-nightly.sh VOL DISK [KEEP]        (KEEP defaults to 7)
+#
+# For cron, e.g.:  15 2 * * *  ENCDISK_PASSPHRASE_FILE=/etc/encdisk/pass /usr/local/lib/encdisk/snapshot-nightly.sh /srv/vol data1 14
+# ENCDISK (default: encdisk on PATH) names the binary.
+set -euo pipefail
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then
+	echo "usage: $0 VOL DISK [KEEP]" >&2
+	exit 2
+fi
+vol=$1 disk=$2 keep=${3:-7}
+case $keep in '' | *[!0-9]*) echo "$0: KEEP must be a number, got '$keep'" >&2; exit 2 ;; esac
+if [ "$keep" -lt 1 ]; then
+	echo "$0: KEEP must be at least 1" >&2
+	exit 2
+fi
+encdisk=${ENCDISK:-encdisk}
+
+"$encdisk" snapshot create "$vol" "$disk" "nightly-$(date -u +%Y%m%d-%H%M%S-%N)"
+
+# Oldest first (snapshot list sorts by creation time); names have no spaces.
+mapfile -t ours < <("$encdisk" snapshot list "$vol" "$disk" | awk 'NR > 1 && $1 ~ /^nightly-/ { print $1 }')
+excess=$((${#ours[@]} - keep))
+for ((i = 0; i < excess; i++)); do
+	"$encdisk" snapshot delete "$vol" "${ours[i]}"
+done
