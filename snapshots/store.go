@@ -195,6 +195,11 @@ func (s *Store) load(tx *bolt.Tx) error {
 	if m == nil {
 		return fmt.Errorf("snapshots: no store metadata: %w", ErrCorrupt)
 	}
+	for _, name := range [][]byte{bucketNodes, bucketNodeRefs, bucketBlockRefs, bucketFree, bucketTrees} {
+		if tx.Bucket(name) == nil {
+			return fmt.Errorf("snapshots: bucket %s is missing: %w", name, ErrCorrupt)
+		}
+	}
 	get := func(k []byte) (uint64, error) {
 		v := m.Get(k)
 		if len(v) != 8 {
