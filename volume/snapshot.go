@@ -120,12 +120,14 @@ func (v *Volume) reconcileSnapDirs() {
 	for _, e := range ents {
 		if known[e.Name()] == nil {
 			v.logf("removing snapshot directory %s: no such snapshot in the catalogue", e.Name())
+			v.openFixes = append(v.openFixes, fmt.Sprintf("snapshot directory %s belonged to no snapshot: removed", e.Name()))
 			os.RemoveAll(v.snapDir(e.Name()))
 		}
 	}
 	for id, s := range known {
 		if _, err := os.Stat(filepath.Join(v.snapDir(id), "snapshot.json")); err != nil {
 			v.logf("snapshot %s: directory missing; rewriting it from the catalogue", s.rec.Name)
+			v.openFixes = append(v.openFixes, fmt.Sprintf("snapshot %s: directory %s was missing: rewritten from the catalogue", s.rec.Name, id))
 			if err := v.writeSnapDir(&s.rec); err != nil {
 				v.logf("snapshot %s: %v", s.rec.Name, err)
 			}

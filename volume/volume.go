@@ -89,6 +89,8 @@ type Volume struct {
 	kms    KMS
 	closed bool
 
+	openFixes []string // what opening repaired (snapshot directories), for Check
+
 	stopSync chan struct{}
 	syncDone chan struct{}
 }
@@ -246,6 +248,11 @@ func Open(dir string, o OpenOptions) (*Volume, error) {
 }
 
 func (v *Volume) open() error {
+	// bolt.Open would create a missing file: an empty catalogue in place of
+	// a lost one.
+	if _, err := os.Stat(filepath.Join(v.dir, metaFile)); err != nil {
+		return fmt.Errorf("volume: open metadata of %s: %w: %w", v.dir, snapshots.ErrCorrupt, err)
+	}
 	db, err := bolt.Open(filepath.Join(v.dir, metaFile), 0o600, &bolt.Options{Timeout: time.Second, NoFreelistSync: true})
 	if err != nil {
 		return fmt.Errorf("volume: open metadata of %s: %w", v.dir, err)
