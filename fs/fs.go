@@ -128,11 +128,12 @@ const (
 
 // Server is a live mount.
 type Server struct {
-	fuse *fuse.Server
-	m    *mount
+	fuse       *fuse.Server
+	m          *mount
+	mountpoint string
+	done       chan struct{} // closed when the kernel connection is gone
 
-	once sync.Once
-	err  error
+	mu sync.Mutex // serializes Unmount
 }
 
 // Mount mounts b at mountpoint and returns once the mount is live. It must
@@ -191,37 +192,46 @@ func Mount(mountpoint string, b Backend, o Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fs: mount %s: %w", mountpoint, err)
 	}
-	return &Server{fuse: fsrv, m: m}, nil
+	s := &Server{fuse: fsrv, m: m, mountpoint: mountpoint, done: make(chan struct{})}
+	go func() {
+		fsrv.Wait()
+		close(s.done)
+	}()
+	return s, nil
 }
 
-// Unmount syncs every open disk, unmounts and closes what the kernel left
-// open. It fails (wrapping EBUSY) while the mount is in use, for example by
-// a loop device; it is safe to call again after that, and after success it
-// returns nil.
+// Unmount syncs every open disk and unmounts. It fails (wrapping EBUSY)
+// while the mount is in use, for example by a loop device, and can be
+// called again. Once the mount is gone, by this call or by umount(8), it
+// closes whatever the kernel left open and returns nil, however often it
+// is called.
 func (s *Server) Unmount() error {
-	if errs := s.m.syncAll(); errs != nil {
-		s.m.log.Printf("fs: unmount: sync: %v", errs)
-	}
-	var err error
-	s.once.Do(func() {
-		err = s.fuse.Unmount()
-		if err != nil {
-			// Let a later call try again.
-			s.once = sync.Once{}
-			return
-		}
-		s.fuse.Wait()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	select {
+	case <-s.done:
 		s.m.closeAll()
-	})
-	if err != nil {
-		return fmt.Errorf("fs: unmount: %w", err)
+		return nil
+	default:
 	}
+	if err := s.m.syncAll(); err != nil {
+		s.m.log.Printf("fs: unmount %s: sync: %v", s.mountpoint, err)
+	}
+	if err := s.fuse.Unmount(); err != nil {
+		select {
+		case <-s.done: // unmounted from outside meanwhile
+		default:
+			return fmt.Errorf("fs: unmount %s: %w", s.mountpoint, err)
+		}
+	}
+	<-s.done
+	s.m.closeAll()
 	return nil
 }
 
 // Wait blocks until the mount is gone, by Unmount or by umount(8).
 func (s *Server) Wait() {
-	s.fuse.Wait()
+	<-s.done
 }
 
 // mount is the state shared by all nodes of one mount.

@@ -671,3 +671,48 @@ func TestMmap(t *testing.T) {
 		}
 	})
 }
+
+func TestUnmount(t *testing.T) {
+	t.Run("busy then retried", func(t *testing.T) {
+		m := testMount(t)
+		s := m.b.add("d", 1<<20)
+		f, err := os.OpenFile(m.path("d"), os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteAt([]byte("x"), 0); err != nil {
+			t.Fatal(err)
+		}
+		syncs := func() int { s.mu.RLock(); defer s.mu.RUnlock(); return s.syncs }
+		if err := m.srv.Unmount(); !errors.Is(err, syscall.EBUSY) {
+			t.Errorf("Unmount with an open file: %v, want EBUSY", err)
+		}
+		if syncs() == 0 {
+			t.Error("Unmount did not sync the open disk")
+		}
+		f.Close()
+		waitFor(t, "release", func() bool { o, c := m.b.counts(); return o == c })
+		if err := m.srv.Unmount(); err != nil {
+			t.Errorf("Unmount after close: %v", err)
+		}
+		if err := m.srv.Unmount(); err != nil {
+			t.Errorf("second Unmount: %v", err)
+		}
+	})
+	t.Run("umount(8)", func(t *testing.T) {
+		m := testMount(t)
+		if err := unix.Unmount(m.dir, 0); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan struct{})
+		go func() { m.srv.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("Wait did not return after umount(2)")
+		}
+		if err := m.srv.Unmount(); err != nil {
+			t.Errorf("Unmount after umount(2): %v", err)
+		}
+	})
+}

@@ -134,6 +134,7 @@ var (
 	_ = (gofs.NodeLookuper)((*rootNode)(nil))
 	_ = (gofs.NodeReaddirer)((*rootNode)(nil))
 	_ = (gofs.NodeGetattrer)((*rootNode)(nil))
+	_ = (gofs.NodeStatfser)((*rootNode)(nil))
 	_ = (gofs.NodeCreater)((*rootNode)(nil))
 	_ = (gofs.NodeUnlinker)((*rootNode)(nil))
 	_ = (gofs.NodeRenamer)((*rootNode)(nil))
@@ -194,6 +195,8 @@ var (
 	_ = (gofs.NodeLookuper)((*snapRootNode)(nil))
 	_ = (gofs.NodeReaddirer)((*snapRootNode)(nil))
 	_ = (gofs.NodeGetattrer)((*snapRootNode)(nil))
+	_ = (gofs.NodeStatfser)((*snapRootNode)(nil))
+	_ = (gofs.NodeUnlinker)((*snapRootNode)(nil))
 )
 
 func (s *snapRootNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -239,6 +242,8 @@ var (
 	_ = (gofs.NodeLookuper)((*snapDirNode)(nil))
 	_ = (gofs.NodeReaddirer)((*snapDirNode)(nil))
 	_ = (gofs.NodeGetattrer)((*snapDirNode)(nil))
+	_ = (gofs.NodeStatfser)((*snapDirNode)(nil))
+	_ = (gofs.NodeCreater)((*snapDirNode)(nil))
 )
 
 func (s *snapDirNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -284,6 +289,7 @@ var (
 	_ = (gofs.NodeGetattrer)((*fileNode)(nil))
 	_ = (gofs.NodeSetattrer)((*fileNode)(nil))
 	_ = (gofs.NodeOpener)((*fileNode)(nil))
+	_ = (gofs.NodeStatfser)((*fileNode)(nil))
 )
 
 func (n *fileNode) ino() uint64 {
