@@ -3,9 +3,11 @@ package snapshots
 import (
 	"encoding/binary"
 	"fmt"
+	"os"
 	"slices"
 
 	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
 )
 
 // changes is the metadata captured for one commit.
@@ -232,7 +234,39 @@ func (s *Store) persist(c *changes, extra func(tx *bolt.Tx) error) error {
 	s.mu.Lock()
 	s.metaBytes += c.size()
 	s.mu.Unlock()
+	s.keepMetaRoom()
 	return nil
+}
+
+// metaSlack is the least room kept allocated past the end of the metadata
+// in its file.
+const metaSlack = 8 << 20
+
+// keepMetaRoom keeps room allocated at the end of the metadata file for
+// commits to grow into. When the pool has filled the file system, a commit
+// that needs new space fails with ENOSPC; but committing is the only way
+// out: blocks a discard or a snapshot delete frees are punched only once
+// a commit has made that durable. So the room for commits is taken while
+// there is space (fallocate; bbolt never shrinks the file, and grows it
+// only past its size). Best effort: a failure leaves what room there is.
+// Called with commitMu held, or before the store is shared.
+func (s *Store) keepMetaRoom() {
+	var used int64
+	if s.db.View(func(tx *bolt.Tx) error { used = tx.Size(); return nil }) != nil {
+		return
+	}
+	slack := metaSlack + used/8
+	if s.metaRoom-used >= slack/2 {
+		return
+	}
+	f, err := os.OpenFile(s.db.Path(), os.O_RDWR, 0)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	if unix.Fallocate(int(f.Fd()), 0, 0, used+slack) == nil {
+		s.metaRoom = used + slack
+	}
 }
 
 // size is the number of metadata bytes the commit writes (keys and values).

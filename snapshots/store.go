@@ -108,6 +108,7 @@ type Store struct {
 	poisoned error
 
 	metaBytes uint64 // metadata bytes committed so far (nodes, counts, free list)
+	metaRoom  int64  // bytes of the metadata file known to be allocated (keepMetaRoom)
 }
 
 // DB returns the metadata database, for the caller's own buckets. Write to it
@@ -187,6 +188,7 @@ func Open(db *bolt.DB, poolPath string) (*Store, error) {
 		f.Close()
 		return nil, err
 	}
+	s.keepMetaRoom()
 	return s, nil
 }
 
