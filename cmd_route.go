@@ -72,6 +72,8 @@ func dispatch(v *volume.Volume, op string, args json.RawMessage) (any, error) {
 	switch op {
 	case opVolumeInfo:
 		return v.Info(), nil
+	case opVolumeCheck:
+		return checkOp(v, args)
 	case opDiskCreate:
 		var o volume.CreateDiskOptions
 		if err := decodeArgs(op, args, &o); err != nil {

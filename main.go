@@ -90,6 +90,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			snapshotCommand(),
 			keyCommand(),
 			keystoreCommand(),
+			checkCommand(),
 		},
 		OnUsageError: func(c *cli.Context, err error, isSubcommand bool) error {
 			return usageErrorf("%v", err)

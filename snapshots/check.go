@@ -180,7 +180,7 @@ type scan struct {
 
 func newScan() *scan {
 	return &scan{
-		r:               &CheckReport{},
+		r:               &CheckReport{Problems: []Problem{}},
 		trees:           map[TreeID]*treeState{},
 		nodeRef:         map[uint64]uint32{},
 		nodeLevel:       map[uint64]int{},

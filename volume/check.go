@@ -86,7 +86,7 @@ func (v *Volume) Check(repair bool) (*CheckReport, error) {
 			return nil, errors.New("volume: closed")
 		}
 	}
-	rep := &CheckReport{Volume: v.dir}
+	rep := &CheckReport{Volume: v.dir, Problems: []snapshots.Problem{}}
 	checkHeader(&v.hdr, rep)
 	st, err := v.st.Check(snapshots.CheckOptions{
 		Repair: repair,
@@ -105,7 +105,7 @@ func (v *Volume) Check(repair bool) (*CheckReport, error) {
 		defer v.mu.Unlock()
 	}
 	for _, fix := range v.openFixes {
-		p := rep.add(ProblemSnapshotDir, true, "%s (repaired when the volume was opened)", fix)
+		p := rep.add(ProblemSnapshotDir, true, "%s when the volume was opened", fix)
 		p.Repaired = true
 	}
 	v.openFixes = nil
@@ -142,7 +142,7 @@ func CheckDir(dir string) (*CheckReport, error) {
 		}
 		return nil, fmt.Errorf("volume: lock %s: %w", dir, err)
 	}
-	rep := &CheckReport{Volume: dir, Offline: true}
+	rep := &CheckReport{Volume: dir, Offline: true, Problems: []snapshots.Problem{}}
 	if h, err := readHeader(dir); err != nil {
 		rep.add(ProblemHeader, false, "%v", err)
 	} else {
