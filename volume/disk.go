@@ -75,11 +75,7 @@ func (h *Disk) Close() error {
 }
 
 // Size is the disk's size in bytes.
-func (h *Disk) Size() int64 {
-	h.v.mu.Lock()
-	defer h.v.mu.Unlock()
-	return h.d.rec.Size
-}
+func (h *Disk) Size() int64 { return h.d.size.Load() }
 
 // Allocated is the storage the disk's data uses, shared blocks included.
 func (h *Disk) Allocated() int64 {

@@ -396,6 +396,7 @@ func (v *Volume) OpenSnapshot(diskName, snapName, who string) (*Disk, error) {
 			Encrypted: s.rec.Encrypted, WrappedKey: s.rec.WrappedKey, KeyOwner: s.rec.KeyOwner,
 			Tree: s.rec.Tree, Status: StatusInUse,
 		}}
+		s.view.size.Store(s.rec.Size)
 	}
 	d := s.view
 	if d.rec.Encrypted && d.cipher == nil {

@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/encdisk/encdisk/blockcrypt"
@@ -103,6 +104,13 @@ type disk struct {
 	keyErr   error              // daemon: why the data key could not be loaded
 	opens    map[*Disk]string
 	rmw      [64]sync.Mutex // serialises read-modify-write of partial sectors
+	size     atomic.Int64   // rec.Size, read by the data path without v.mu
+}
+
+// setRec replaces d's record (v.mu held).
+func (d *disk) setRec(r diskRecord) {
+	d.rec = r
+	d.size.Store(r.Size)
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -279,7 +287,9 @@ func (v *Volume) open() error {
 			if r.OriginTree != 0 && !st.HasTree(snapshots.TreeID(r.OriginTree)) {
 				return fmt.Errorf("volume: %s: disk %s has no origin block map: %w", v.dir, r.Name, snapshots.ErrCorrupt)
 			}
-			v.disks[r.Name] = &disk{rec: r, opens: map[*Disk]string{}}
+			d := &disk{opens: map[*Disk]string{}}
+			d.setRec(r)
+			v.disks[r.Name] = d
 			return nil
 		})
 		if err != nil {
@@ -625,7 +635,7 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 		d.wipeKey()
 		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
 	}
-	d.rec = r
+	d.setRec(r)
 	v.disks[r.Name] = d
 	di := v.info(d)
 	return &di, nil
@@ -664,7 +674,7 @@ func (v *Volume) update(d *disk, f func(r *diskRecord)) error {
 		func(tx *bolt.Tx) error { return v.putRecord(tx, &r) }); err != nil {
 		return err
 	}
-	d.rec = r
+	d.setRec(r)
 	return nil
 }
 
