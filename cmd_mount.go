@@ -419,16 +419,9 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 			return withHint(fmt.Errorf("cannot unmount %s: %s: %w", a.absMP, strings.Join(busy, "; "), volume.ErrInUse),
 				"unmount the file systems on those disks and detach their loop devices (`losetup -d`), then retry")
 		}
-		busyHint := "something still uses the mount (an open file, a shell's working directory); close it and retry"
-		// Probe first: MNT_EXPIRE fails with EBUSY on a busy mount and with
-		// EAGAIN (only marking it) on an idle one. fs.Server.Unmount must
-		// not meet EBUSY: it then crashes the process (it resets its
-		// sync.Once inside Once.Do), taking the volume down uncleanly.
-		if perr := unix.Unmount(a.absMP, unix.MNT_EXPIRE); errors.Is(perr, unix.EBUSY) {
-			return withHint(fmt.Errorf("cannot unmount %s: %w", a.absMP, perr), "%s", busyHint)
-		}
 		if err := fsrv.Unmount(); err != nil {
-			return withHint(fmt.Errorf("cannot unmount %s: %w", a.absMP, err), "%s", busyHint)
+			return withHint(fmt.Errorf("cannot unmount %s: %w", a.absMP, err),
+				"something still uses the mount (an open file, a shell's working directory); close it and retry")
 		}
 		return nil
 	}
