@@ -326,6 +326,7 @@ func checkCatalogue(tx *bolt.Tx, trees map[snapshots.TreeID]uint64, rep *CheckRe
 			return nil
 		})
 	}
+	checkImages(tx, rep, useTree)
 	ids := make([]snapshots.TreeID, 0, len(trees))
 	for t := range trees {
 		if _, ok := owner[uint64(t)]; !ok {
@@ -334,7 +335,7 @@ func checkCatalogue(tx *bolt.Tx, trees map[snapshots.TreeID]uint64, rep *CheckRe
 	}
 	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
 	for _, t := range ids {
-		rep.add(ProblemOrphanTree, false, "tree %d (%d mapped sectors) belongs to no disk or snapshot; it is kept (its space stays used) since its record may have been lost",
+		rep.add(ProblemOrphanTree, false, "tree %d (%d mapped sectors) belongs to no disk, snapshot or image; it is kept (its space stays used) since its record may have been lost",
 			t, trees[t])
 	}
 	return snaps

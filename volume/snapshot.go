@@ -343,7 +343,7 @@ func (v *Volume) fromSnapshot(s *snapshot, o *CreateDiskOptions, r *diskRecord, 
 		o.Size = s.rec.Size
 	}
 	if o.Size < s.rec.Size {
-		return nil, fmt.Errorf("%w: a disk made from snapshot %s must be at least its size, %d bytes", ErrBadSize, s.rec.Name, s.rec.Size)
+		return nil, fmt.Errorf("%w: a disk made from %s %s must be at least its size, %d bytes", ErrBadSize, s.sourceKind(), s.rec.Name, s.rec.Size)
 	}
 	if !s.rec.Encrypted {
 		if o.Encrypted || o.KMSKeyID != "" {
@@ -361,7 +361,7 @@ func (v *Volume) fromSnapshot(s *snapshot, o *CreateDiskOptions, r *diskRecord, 
 	// Unwrapping proves the key usable now (enabled, authorized).
 	dk, err := k.Decrypt(v.hdr.Region, s.rec.WrappedKey, ctx)
 	if err != nil {
-		return nil, fmt.Errorf("unwrap the data key of snapshot %s: %w", s.rec.Name, err)
+		return nil, fmt.Errorf("unwrap the data key of %s %s: %w", s.sourceKind(), s.rec.Name, err)
 	}
 	if o.KMSKeyID == "" {
 		r.WrappedKey, r.KMSKeyID = s.rec.WrappedKey, s.rec.KMSKeyID
@@ -369,7 +369,7 @@ func (v *Volume) fromSnapshot(s *snapshot, o *CreateDiskOptions, r *diskRecord, 
 		r.WrappedKey, r.KMSKeyID, err = k.Encrypt(v.hdr.Region, o.KMSKeyID, dk, ctx)
 		if err != nil {
 			clear(dk)
-			return nil, fmt.Errorf("re-wrap the data key of snapshot %s under %s: %w", s.rec.Name, o.KMSKeyID, err)
+			return nil, fmt.Errorf("re-wrap the data key of %s %s under %s: %w", s.sourceKind(), s.rec.Name, o.KMSKeyID, err)
 		}
 	}
 	if !wantKey {

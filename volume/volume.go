@@ -92,6 +92,10 @@ type Volume struct {
 
 	openFixes []string // what opening repaired (snapshot directories), for Check
 
+	images        map[string]*image // by name (image.go)
+	pendingImages []imageRecord     // copies interrupted before their final commit, rolled back at open
+	copyingTo     map[string]bool   // names of image copies being written into this volume
+
 	stopSync chan struct{}
 	syncDone chan struct{}
 }
@@ -243,7 +247,8 @@ func Open(dir string, o OpenOptions) (*Volume, error) {
 		}
 		return nil, fmt.Errorf("volume: lock %s: %w", dir, err)
 	}
-	v := &Volume{dir: dir, hdr: *h, opts: o, lock: lf, disks: map[string]*disk{}, snaps: map[string]*snapshot{}}
+	v := &Volume{dir: dir, hdr: *h, opts: o, lock: lf, disks: map[string]*disk{}, snaps: map[string]*snapshot{},
+		images: map[string]*image{}, copyingTo: map[string]bool{}}
 	if err := v.open(); err != nil {
 		v.release()
 		return nil, err
@@ -295,12 +300,18 @@ func (v *Volume) open() error {
 		if err != nil {
 			return err
 		}
-		return v.loadSnapshots(tx)
+		if err := v.loadSnapshots(tx); err != nil {
+			return err
+		}
+		return v.loadImages(tx)
 	})
 	if err != nil {
 		return err
 	}
 	v.reconcileSnapDirs()
+	if err := v.reconcileImages(); err != nil {
+		return err
+	}
 	if v.opts.Daemon {
 		for _, d := range v.disks {
 			if d.rec.Status == StatusInUse && d.rec.Encrypted {
@@ -535,9 +546,6 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 	if err := CheckName(o.Name); err != nil {
 		return nil, err
 	}
-	if o.Image != "" {
-		return nil, fmt.Errorf("volume: create disk %s: image %q: %w", o.Name, o.Image, ErrNotFound)
-	}
 	if o.Snapshot != "" && o.Image != "" {
 		return nil, fmt.Errorf("volume: create disk %s: %w: give a snapshot or an image, not both", o.Name, ErrRule)
 	}
@@ -550,9 +558,14 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, ErrExists)
 	}
 	var src *snapshot
-	if o.Snapshot != "" {
+	if o.Snapshot != "" || o.Image != "" {
 		var err error
-		if src, err = v.lookupSnap(o.Snapshot); err != nil {
+		if o.Image != "" {
+			src, err = v.imageSource(o.Image, &o) // an image is a snapshot-shaped source
+		} else {
+			src, err = v.lookupSnap(o.Snapshot)
+		}
+		if err != nil {
 			return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
 		}
 		if src.rec.Encrypted {
@@ -582,7 +595,7 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 	d := &disk{opens: map[*Disk]string{}}
 	wantKey := v.opts.Daemon && !o.Detached
 	if src != nil {
-		r.SourceType, r.Source = "snapshot", src.rec.ID
+		r.SourceType, r.Source = src.sourceKind(), src.rec.ID
 		dk, err := v.fromSnapshot(src, &o, &r, wantKey)
 		if err != nil {
 			return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
