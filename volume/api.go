@@ -82,6 +82,10 @@ type OpenOptions struct {
 	Daemon bool
 	// Logf logs daemon-side events; nil discards.
 	Logf func(format string, args ...any)
+	// Billing returns the prices and balance of config.toml's [billing]
+	// table, read for each billed operation (so a top-up counts at once).
+	// Nil: everything is free and there is no balance.
+	Billing func() (*Billing, error)
 }
 
 // CreateDiskOptions are the arguments of CreateDisk (SPEC section 7).
@@ -95,6 +99,10 @@ type CreateDiskOptions struct {
 	Snapshot  string `json:"snapshot,omitempty"`
 	Image     string `json:"image,omitempty"`
 	Detached  bool   `json:"detached"`
+
+	// Unencrypted is an explicit request for an unencrypted disk
+	// (--encrypted=false): refused while default encryption is on.
+	Unencrypted bool `json:"unencrypted,omitempty"`
 }
 
 // DiskInfo describes a disk.

@@ -180,18 +180,22 @@ func (v *Volume) CreateSnapshot(diskName, name string) (*SnapshotInfo, error) {
 		Category: d.rec.Category, Role: d.rec.Role, Encrypted: d.rec.Encrypted, KMSKeyID: d.rec.KMSKeyID,
 		WrappedKey: d.rec.WrappedKey, KeyOwner: d.rec.KeyOwner, Created: time.Now().UTC(),
 	}
+	pb, err := v.chargeDisk("CreateSnapshot", d)
+	if err != nil {
+		return nil, err
+	}
 	// Apply drains in-flight I/O and commits everything the disk has
 	// acknowledged, together with the clone: a crash-consistent point.
 	err = v.st.Apply(func(tx *snapshots.Tx) error {
 		t, err := tx.Clone(snapshots.TreeID(d.rec.Tree))
 		r.Tree = uint64(t)
 		return err
-	}, func(tx *bolt.Tx) error {
+	}, billExtra(pb, func() map[string]bool { return v.keysInUse("", r.KMSKeyID) }, func(tx *bolt.Tx) error {
 		if err := v.writeSnapDir(&r); err != nil {
 			return err
 		}
 		return v.putSnap(tx, &r)
-	})
+	}))
 	if err != nil {
 		os.RemoveAll(v.snapDir(r.ID))
 		return nil, fmt.Errorf("volume: create snapshot %s of disk %s: %w", name, diskName, err)
@@ -259,14 +263,18 @@ func (v *Volume) DeleteSnapshot(name string) (*SnapshotInfo, error) {
 		}
 	}
 	si := v.snapInfo(s)
+	pb, err := v.charge("DeleteSnapshot", "snapshot "+name, snapCall(&s.rec)...)
+	if err != nil {
+		return nil, err
+	}
 	err = v.st.Apply(func(tx *snapshots.Tx) error {
 		return tx.Delete(snapshots.TreeID(s.rec.Tree))
-	}, func(tx *bolt.Tx) error {
+	}, billExtra(pb, func() map[string]bool { return v.keysInUse(s.rec.ID) }, func(tx *bolt.Tx) error {
 		if b := tx.Bucket(bucketSnapshots); b != nil {
 			return b.Delete([]byte(s.rec.ID))
 		}
 		return nil
-	})
+	}))
 	if err != nil {
 		return nil, fmt.Errorf("volume: delete snapshot %s: %w", name, err)
 	}
@@ -297,9 +305,13 @@ func (v *Volume) ResetDisk(diskName, snapName string) (*DiskInfo, error) {
 	if err := d.busy("reset"); err != nil {
 		return nil, err
 	}
+	pb, err := v.chargeDisk("ResetDisk", d)
+	if err != nil {
+		return nil, err
+	}
 	err = v.st.Apply(func(tx *snapshots.Tx) error {
 		return tx.Replace(snapshots.TreeID(d.rec.Tree), snapshots.TreeID(s.rec.Tree))
-	}, nil)
+	}, billExtra(pb, func() map[string]bool { return v.keysInUse("") }, nil))
 	if err != nil {
 		return nil, fmt.Errorf("volume: reset disk %s to %s: %w", diskName, snapName, err)
 	}
@@ -320,12 +332,16 @@ func (v *Volume) ReInitDisk(diskName string) (*DiskInfo, error) {
 	if err := d.busy("re-initialize"); err != nil {
 		return nil, err
 	}
+	pb, err := v.chargeDisk("ReInitDisk", d)
+	if err != nil {
+		return nil, err
+	}
 	err = v.st.Apply(func(tx *snapshots.Tx) error {
 		if d.rec.OriginTree != 0 {
 			return tx.Replace(snapshots.TreeID(d.rec.Tree), snapshots.TreeID(d.rec.OriginTree))
 		}
 		return tx.Clear(snapshots.TreeID(d.rec.Tree))
-	}, nil)
+	}, billExtra(pb, func() map[string]bool { return v.keysInUse("") }, nil))
 	if err != nil {
 		return nil, fmt.Errorf("volume: re-initialize disk %s: %w", diskName, err)
 	}

@@ -557,6 +557,10 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 	if v.disks[o.Name] != nil {
 		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, ErrExists)
 	}
+	de, derr := v.applyDefaultEncryption(&o)
+	if derr != nil {
+		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, derr)
+	}
 	var src *snapshot
 	if o.Snapshot != "" || o.Image != "" {
 		var err error
@@ -592,6 +596,15 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 	if o.Detached {
 		r.Status = StatusAvailable
 	}
+	if src != nil && !src.rec.Encrypted {
+		if err := v.refuseUnencrypted(de, &r, "snapshot "+src.rec.Name); err != nil {
+			return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+		}
+	}
+	pb, err := v.charge("CreateDisk", "disk "+o.Name, createCalls(src, &o)...)
+	if err != nil {
+		return nil, err
+	}
 	d := &disk{opens: map[*Disk]string{}}
 	wantKey := v.opts.Daemon && !o.Detached
 	if src != nil {
@@ -625,7 +638,7 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 			return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
 		}
 	}
-	err := v.st.Apply(func(tx *snapshots.Tx) error {
+	err = v.st.Apply(func(tx *snapshots.Tx) error {
 		if src == nil {
 			r.Tree = uint64(tx.NewTree())
 			return nil
@@ -643,7 +656,8 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 		}
 		r.Tree, r.OriginTree = uint64(t), uint64(origin)
 		return nil
-	}, func(tx *bolt.Tx) error { return v.putRecord(tx, &r) })
+	}, billExtra(pb, func() map[string]bool { return v.keysInUse("", r.KMSKeyID) },
+		func(tx *bolt.Tx) error { return v.putRecord(tx, &r) }))
 	if err != nil {
 		d.wipeKey()
 		return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
@@ -703,6 +717,10 @@ func (v *Volume) AttachDisk(name string) (*DiskInfo, error) {
 	if d.rec.Status == StatusInUse {
 		return nil, fmt.Errorf("volume: attach disk %s: %w", name, ErrAttached)
 	}
+	pb, err := v.chargeDisk("AttachDisk", d)
+	if err != nil {
+		return nil, err
+	}
 	if d.rec.Encrypted {
 		if v.opts.Daemon {
 			err = v.loadKey(d)
@@ -715,7 +733,7 @@ func (v *Volume) AttachDisk(name string) (*DiskInfo, error) {
 			return nil, fmt.Errorf("volume: attach disk %s: %w", name, err)
 		}
 	}
-	if err := v.update(d, func(r *diskRecord) { r.Status = StatusInUse }); err != nil {
+	if err := v.updateBilled(d, pb, func(r *diskRecord) { r.Status = StatusInUse }); err != nil {
 		d.wipeKey()
 		return nil, fmt.Errorf("volume: attach disk %s: %w", name, err)
 	}
@@ -750,7 +768,11 @@ func (v *Volume) DetachDisk(name string) (*DiskInfo, error) {
 	if err := d.busy("detach"); err != nil {
 		return nil, err
 	}
-	if err := v.update(d, func(r *diskRecord) { r.Status = StatusAvailable }); err != nil {
+	pb, err := v.chargeDisk("DetachDisk", d)
+	if err != nil {
+		return nil, err
+	}
+	if err := v.updateBilled(d, pb, func(r *diskRecord) { r.Status = StatusAvailable }); err != nil {
 		return nil, fmt.Errorf("volume: detach disk %s: %w", name, err)
 	}
 	d.wipeKey()
@@ -774,7 +796,11 @@ func (v *Volume) ResizeDisk(name string, size int64) (*DiskInfo, error) {
 		return nil, fmt.Errorf("volume: resize disk %s from %d to %d bytes: %w", name, d.rec.Size, size, ErrShrink)
 	}
 	if size > d.rec.Size {
-		if err := v.update(d, func(r *diskRecord) { r.Size = size }); err != nil {
+		pb, err := v.chargeDisk("ResizeDisk", d)
+		if err != nil {
+			return nil, err
+		}
+		if err := v.updateBilled(d, pb, func(r *diskRecord) { r.Size = size }); err != nil {
 			return nil, fmt.Errorf("volume: resize disk %s: %w", name, err)
 		}
 	}
@@ -797,6 +823,10 @@ func (v *Volume) DeleteDisk(name string) (*DiskInfo, error) {
 		return nil, fmt.Errorf("volume: delete disk %s: %w (detach it first: encdisk disk detach VOL %s)", name, ErrAttached, name)
 	}
 	di := v.info(d)
+	pb, err := v.chargeDisk("DeleteDisk", d)
+	if err != nil {
+		return nil, err
+	}
 	err = v.st.Apply(func(tx *snapshots.Tx) error {
 		if d.rec.OriginTree != 0 {
 			if err := tx.Delete(snapshots.TreeID(d.rec.OriginTree)); err != nil {
@@ -804,7 +834,8 @@ func (v *Volume) DeleteDisk(name string) (*DiskInfo, error) {
 			}
 		}
 		return tx.Delete(snapshots.TreeID(d.rec.Tree))
-	}, func(tx *bolt.Tx) error { return tx.Bucket(bucketDisks).Delete([]byte(d.rec.ID)) })
+	}, billExtra(pb, func() map[string]bool { return v.keysInUse(d.rec.ID) },
+		func(tx *bolt.Tx) error { return tx.Bucket(bucketDisks).Delete([]byte(d.rec.ID)) }))
 	if err != nil {
 		return nil, fmt.Errorf("volume: delete disk %s: %w", name, err)
 	}
