@@ -428,9 +428,13 @@ func (sc *scan) readMeta(tx *bolt.Tx) {
 	sc.hwm, ok2 = get(keyHWM)
 	sc.nextNode, ok3 = get(keyNextNode)
 	sc.nextTree, ok4 = get(keyNextTree)
-	if ok2 && sc.hwm == 0 {
-		r.Add(ProblemMeta, false, "hwm is 0 (block 0 is the pool header, so it is at least 1)")
+	if ok2 && (sc.hwm == 0 || sc.hwm > maxBlocks) {
+		r.Add(ProblemMeta, false, "hwm is %d (at least 1: block 0 is the pool header; at most %d)", sc.hwm, maxBlocks)
 		ok2 = false
+	}
+	if ok3 && sc.nextNode == 0 {
+		r.Add(ProblemMeta, false, "next-node is 0 (node 0 means \"nothing here\")")
+		ok3 = false
 	}
 	sc.metaOK = ok1 && ok2 && ok3 && ok4
 	r.HWM = sc.hwm

@@ -26,6 +26,9 @@ const (
 	// MaxSectors is the number of sectors a tree addresses (256 TiB of data).
 	MaxSectors = uint64(1) << (shift * levels)
 
+	// maxBlocks bounds hwm: block offsets must fit an int64.
+	maxBlocks = uint64(1)<<63/BlockSize - 1
+
 	poolMagic   = "ENCDISK-POOL\x00\x00\x00\x00"
 	poolVersion = 1
 )
@@ -216,11 +219,17 @@ func (s *Store) load(tx *bolt.Tx) error {
 	if s.hwm, err = get(keyHWM); err != nil {
 		return err
 	}
+	if s.hwm == 0 || s.hwm > maxBlocks {
+		return fmt.Errorf("snapshots: hwm %d out of range: %w", s.hwm, ErrCorrupt)
+	}
 	if s.nextNode, err = get(keyNextNode); err != nil {
 		return err
 	}
 	if s.nextTree, err = get(keyNextTree); err != nil {
 		return err
+	}
+	if s.nextNode == 0 { // node 0 means "nothing here"
+		return fmt.Errorf("snapshots: next-node is 0: %w", ErrCorrupt)
 	}
 	loadRefs := func(name []byte, into map[uint64]uint32) error {
 		return tx.Bucket(name).ForEach(func(k, v []byte) error {
@@ -242,7 +251,7 @@ func (s *Store) load(tx *bolt.Tx) error {
 			return fmt.Errorf("snapshots: free extent: %w", ErrCorrupt)
 		}
 		e := extent{binary.BigEndian.Uint64(k), binary.BigEndian.Uint64(v)}
-		if e.start == 0 || e.n == 0 || e.start+e.n > s.hwm {
+		if e.start == 0 || e.n == 0 || e.start >= s.hwm || e.n > s.hwm-e.start { // no overflow
 			return fmt.Errorf("snapshots: free extent %d+%d beyond %d: %w", e.start, e.n, s.hwm, ErrCorrupt)
 		}
 		s.free = append(s.free, e)
