@@ -11,9 +11,7 @@
 // Defaults for the command line, never secrets themselves: the region, where
 // the keystore is, and the path of a passphrase or root key file. Every key is
 // documented in config.example.toml at the root of the repository. Unknown
-// keys are an error (a typo should not silently change nothing), except
-// inside the [billing] table, which is reserved for the billing settings of a
-// later version.
+// keys are an error (a typo should not silently change nothing).
 package config
 
 import (
@@ -41,8 +39,7 @@ type Config struct {
 	RootKeyFile    string   `toml:"root_key_file"`
 	Defaults       Defaults `toml:"defaults"`
 
-	// Billing is reserved; its keys are accepted and ignored for now.
-	Billing map[string]any `toml:"billing"`
+	Billing Billing `toml:"billing"`
 
 	// Path is the file this was read from ("" when no file was found).
 	Path string `toml:"-"`
@@ -52,6 +49,32 @@ type Config struct {
 type Defaults struct {
 	// Category of new disks when --category is not given.
 	Category string `toml:"category"`
+}
+
+// Billing prices KMS API calls and customer keys (SPEC section 3 "billing"):
+// the [billing] table. Zero prices make everything free; a nil Balance means
+// no limit.
+type Billing struct {
+	// Currency is a label for amounts, e.g. "CNY" or "USD".
+	Currency string `toml:"currency"`
+	// PricePer10kCalls is the price of 10,000 KMS API calls on customer keys
+	// (calls on the service key are free).
+	PricePer10kCalls float64 `toml:"price_per_10k_calls"`
+	// KeyPricePerDay and KeyPricePerMonth (30 days) price each customer key
+	// (BYOK included) for every started day it is in use; set at most one.
+	KeyPricePerDay   float64 `toml:"key_price_per_day"`
+	KeyPricePerMonth float64 `toml:"key_price_per_month"`
+	// Balance, when set, is what may be spent: an operation whose cost it
+	// cannot cover fails before it changes anything. Raise it to top up.
+	Balance *float64 `toml:"balance"`
+}
+
+// DailyKeyPrice is the price of one customer key for one day.
+func (b *Billing) DailyKeyPrice() float64 {
+	if b.KeyPricePerDay != 0 {
+		return b.KeyPricePerDay
+	}
+	return b.KeyPricePerMonth / 30
 }
 
 // UserPath is $HOME/.encdisk/config.toml ("" without a home directory).
@@ -114,7 +137,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		return nil, fmt.Errorf("config %s: %v", path, err)
 	}
 	var unknown []string
-	for _, k := range md.Undecoded() { // [billing] is a map: never undecoded
+	for _, k := range md.Undecoded() {
 		unknown = append(unknown, k.String())
 	}
 	if len(unknown) > 0 {
@@ -126,6 +149,13 @@ func Parse(path string, data []byte) (*Config, error) {
 	}
 	if c.PassphraseFile != "" && c.RootKeyFile != "" {
 		return nil, fmt.Errorf("config %s: passphrase_file and root_key_file are both set; keep the one the keystore is sealed with", path)
+	}
+	b := &c.Billing
+	switch {
+	case b.PricePer10kCalls < 0 || b.KeyPricePerDay < 0 || b.KeyPricePerMonth < 0:
+		return nil, fmt.Errorf("config %s: [billing] prices cannot be negative", path)
+	case b.KeyPricePerDay != 0 && b.KeyPricePerMonth != 0:
+		return nil, fmt.Errorf("config %s: [billing] key_price_per_day and key_price_per_month are both set; keep one", path)
 	}
 	c.Path = path
 	return &c, nil

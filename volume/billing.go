@@ -493,7 +493,7 @@ func (v *Volume) updateBilled(d *disk, pb *pendingBill, f func(r *diskRecord)) e
 			func(tx *bolt.Tx) error { return v.putRecord(tx, &r) })); err != nil {
 		return err
 	}
-	d.rec = r
+	d.setRec(r)
 	return nil
 }
 

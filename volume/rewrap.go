@@ -77,7 +77,7 @@ func (v *Volume) RewrapDisk(name, keyRef string) (*DiskInfo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("volume: re-wrap disk %s: %w", name, err)
 	}
-	d.rec = r // the cipher, if loaded, is unchanged: same data key
+	d.setRec(r) // the cipher, if loaded, is unchanged: same data key
 	di := v.info(d)
 	return &di, nil
 }

@@ -138,9 +138,9 @@ func (v *Volume) applyDefaultEncryption(o *CreateDiskOptions) (*DefaultEncryptio
 // refuseUnencrypted is the last check of CreateDisk: with default
 // encryption on, the disk must come out encrypted (a disk from an
 // unencrypted snapshot or image would not).
-func (v *Volume) refuseUnencrypted(de *DefaultEncryption, r *diskRecord, src string) error {
-	if de == nil || !de.Enabled || r.Encrypted {
+func (v *Volume) refuseUnencrypted(de *DefaultEncryption, src *snapshot) error {
+	if de == nil || !de.Enabled || src.rec.Encrypted {
 		return nil
 	}
-	return fmt.Errorf("%w in region %s: %s is not encrypted, and a disk made from it would be; no unencrypted disk can be created (turn default encryption off with `encdisk config default-encryption VOL --off`)", ErrDefaultEncryption, v.hdr.Region, src)
+	return fmt.Errorf("%w in region %s: %s %s is not encrypted, so a disk made from it would not be, and no unencrypted disk can be created (turn default encryption off with `encdisk config default-encryption VOL --off`)", ErrDefaultEncryption, v.hdr.Region, src.sourceKind(), src.rec.Name)
 }

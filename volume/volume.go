@@ -596,8 +596,8 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 	if o.Detached {
 		r.Status = StatusAvailable
 	}
-	if src != nil && !src.rec.Encrypted {
-		if err := v.refuseUnencrypted(de, &r, "snapshot "+src.rec.Name); err != nil {
+	if src != nil {
+		if err := v.refuseUnencrypted(de, src); err != nil {
 			return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
 		}
 	}
