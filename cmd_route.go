@@ -136,6 +136,9 @@ func dispatch(v *volume.Volume, op string, args json.RawMessage) (any, error) {
 		}
 		return v.DeleteSnapshot(a.Name)
 	}
+	if res, ok, err := dispatchImage(v, op, args); ok {
+		return res, err
+	}
 	return nil, fmt.Errorf("unknown operation %q (is the mount daemon an older encdisk? remount the volume)", op)
 }
 
@@ -280,6 +283,7 @@ var errorKinds = []struct {
 	{volume.ErrRule, "rule"},
 	{volume.ErrNoKMS, "no_kms"},
 	{volume.ErrNoSnapshot, "no_snapshot"},
+	{volume.ErrNoImage, "no_image"},
 	{keystore.ErrWrongSecret, "wrong_secret"},
 	{keystore.ErrNoKeystore, "no_keystore"},
 	{keystore.ErrKeyNotFound, "key_not_found"},
@@ -340,6 +344,8 @@ func hintFor(err error) string {
 		return fmt.Sprintf("list the disks with `encdisk disk list %s`", vol)
 	case "no_snapshot":
 		return fmt.Sprintf("list the snapshots with `encdisk snapshot list %s`", vol)
+	case "no_image":
+		return fmt.Sprintf("list the images with `encdisk image list %s`", vol)
 	case "exists":
 		return fmt.Sprintf("choose another name; `encdisk disk list %s` shows the names in use", vol)
 	case "in_use":

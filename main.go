@@ -91,6 +91,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			keyCommand(),
 			keystoreCommand(),
 			checkCommand(),
+			imageCommand(),
 		},
 		OnUsageError: func(c *cli.Context, err error, isSubcommand bool) error {
 			return usageErrorf("%v", err)

@@ -111,8 +111,32 @@ type CopyImageOptions struct {
 	// To is the directory of another volume to copy into; "" or this
 	// volume's directory copies within the volume.
 	To string `json:"to,omitempty"`
-	// Progress, if set, is called as data is copied (bytes done, of total).
-	Progress func(done, total int64) `json:"-"`
+	Transfer `json:"-"`
+}
+
+// Transfer lets the caller follow and stop a long image operation (a copy
+// that moves data, an export).
+type Transfer struct {
+	// Progress, if set, is called as data moves: bytes done, of total.
+	Progress func(done, total int64)
+	// Cancel, when closed, stops the operation: ErrCanceled, and a copy is
+	// rolled back.
+	Cancel <-chan struct{}
+}
+
+// ErrCanceled: the caller stopped the operation (Transfer.Cancel).
+var ErrCanceled = errors.New("interrupted")
+
+func (t *Transfer) canceled() bool {
+	if t.Cancel == nil {
+		return false
+	}
+	select {
+	case <-t.Cancel:
+		return true
+	default:
+		return false
+	}
 }
 
 // CopyImageResult is what CopyImage did.
@@ -673,7 +697,7 @@ func (v *Volume) CopyImage(o CopyImageOptions) (*CopyImageResult, error) {
 	}
 	r.Tree = pending.Tree
 
-	n, err := copySectors(v, snapshots.TreeID(srec.Tree), srcC, dst, snapshots.TreeID(r.Tree), dstC, srec.Size, o.Progress)
+	n, err := copySectors(v, snapshots.TreeID(srec.Tree), srcC, dst, snapshots.TreeID(r.Tree), dstC, srec.Size, &o.Transfer)
 
 	dst.mu.Lock()
 	defer dst.mu.Unlock()
@@ -721,15 +745,15 @@ const copyChunk = maxChunk / SectorSize
 // tree dt of dst (a new tree nothing else sees), decrypting with srcC and
 // encrypting with dstC where set; the tweak stays the logical sector.
 // Holes are skipped. It returns the bytes copied.
-func copySectors(src *Volume, st snapshots.TreeID, srcC *blockcrypt.Cipher, dst *Volume, dt snapshots.TreeID, dstC *blockcrypt.Cipher, size int64, progress func(done, total int64)) (int64, error) {
+func copySectors(src *Volume, st snapshots.TreeID, srcC *blockcrypt.Cipher, dst *Volume, dt snapshots.TreeID, dstC *blockcrypt.Cipher, size int64, xfer *Transfer) (int64, error) {
 	nsec := uint64(size / SectorSize)
 	total := int64(src.st.Mapped(st)) * SectorSize
 	buf := make([]byte, maxChunk)
 	blocks := make([]uint64, copyChunk)
 	fresh := make([]bool, copyChunk)
 	var done int64
-	if progress != nil {
-		progress(0, total)
+	if xfer.Progress != nil {
+		xfer.Progress(0, total)
 	}
 	for s := uint64(0); s < nsec; {
 		d, ok, err := src.st.SeekData(st, s)
@@ -759,8 +783,11 @@ func copySectors(src *Volume, st snapshots.TreeID, srcC *blockcrypt.Cipher, dst 
 			return done, fmt.Errorf("write: %w", err)
 		}
 		done += int64(len(p))
-		if progress != nil {
-			progress(done, total)
+		if xfer.Progress != nil {
+			xfer.Progress(done, total)
+		}
+		if xfer.canceled() {
+			return done, ErrCanceled
 		}
 		if testCopyHook != nil {
 			if err := testCopyHook(done); err != nil {
@@ -829,7 +856,7 @@ func writeBlocks(v *Volume, t snapshots.TreeID, first uint64, p []byte, blocks [
 // sectors stay holes, readable by qemu-img, losetup or dd. Encrypted images
 // cannot be exported. The file is written under a temporary name and
 // renamed when complete; an existing file is refused unless overwrite.
-func (v *Volume) ExportImage(name, path string, overwrite bool, progress func(done, total int64)) (*ExportResult, error) {
+func (v *Volume) ExportImage(name, path string, overwrite bool, xfer Transfer) (*ExportResult, error) {
 	v.mu.Lock()
 	im, err := v.lookupImage(name)
 	if err != nil {
@@ -861,7 +888,7 @@ func (v *Volume) ExportImage(name, path string, overwrite bool, progress func(do
 		return fail(err)
 	}
 	defer os.Remove(tmp) // after a successful rename, nothing is there
-	n, err := v.exportTo(f, &r, progress)
+	n, err := v.exportTo(f, &r, &xfer)
 	if err == nil {
 		err = f.Sync()
 	}
@@ -884,7 +911,7 @@ func (v *Volume) ExportImage(name, path string, overwrite bool, progress func(do
 	return &ExportResult{ImageInfo: ii, Path: path, Bytes: n, Seconds: time.Since(start).Seconds()}, nil
 }
 
-func (v *Volume) exportTo(f *os.File, r *imageRecord, progress func(done, total int64)) (int64, error) {
+func (v *Volume) exportTo(f *os.File, r *imageRecord, xfer *Transfer) (int64, error) {
 	if err := f.Truncate(r.Size); err != nil {
 		return 0, err
 	}
@@ -894,8 +921,8 @@ func (v *Volume) exportTo(f *os.File, r *imageRecord, progress func(done, total 
 	buf := make([]byte, maxChunk)
 	blocks := make([]uint64, copyChunk)
 	var done int64
-	if progress != nil {
-		progress(0, total)
+	if xfer.Progress != nil {
+		xfer.Progress(0, total)
 	}
 	for s := uint64(0); s < nsec; {
 		d, ok, err := v.st.SeekData(t, s)
@@ -931,8 +958,11 @@ func (v *Volume) exportTo(f *os.File, r *imageRecord, progress func(done, total 
 			i = j
 		}
 		done += int64(len(p))
-		if progress != nil {
-			progress(done, total)
+		if xfer.Progress != nil {
+			xfer.Progress(done, total)
+		}
+		if xfer.canceled() {
+			return done, ErrCanceled
 		}
 		s = end
 	}

@@ -182,7 +182,7 @@ func TestImageCopyEncryptAndRekey(t *testing.T) {
 
 	var calls int
 	res, err := tv.v.CopyImage(CopyImageOptions{Name: "img", NewName: "enc", Encrypted: true,
-		Progress: func(done, total int64) { calls++ }})
+		Transfer: Transfer{Progress: func(done, total int64) { calls++ }}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -246,7 +246,7 @@ func TestImageCopyEncryptAndRekey(t *testing.T) {
 		t.Fatalf("decrypting copy: %v", err)
 	}
 	// Encrypted images are neither exported nor shared.
-	if _, err := tv.v.ExportImage("enc", filepath.Join(t.TempDir(), "x.raw"), false, nil); !errors.Is(err, ErrRule) {
+	if _, err := tv.v.ExportImage("enc", filepath.Join(t.TempDir(), "x.raw"), false, Transfer{}); !errors.Is(err, ErrRule) {
 		t.Fatalf("export of an encrypted image: %v", err)
 	}
 	if _, err := tv.v.ShareImage("enc", "1234567890"); !errors.Is(err, ErrRule) {
@@ -279,6 +279,20 @@ func TestImageCopyRollback(t *testing.T) {
 	}
 	if n := len(tv.v.st.Trees()); n != trees {
 		t.Fatalf("%d trees after a failed copy, want %d", n, trees)
+	}
+
+	// Ctrl-C (Transfer.Cancel) rolls back at once too.
+	testCopyHook = nil
+	cancel := make(chan struct{})
+	_, err := tv.v.CopyImage(CopyImageOptions{Name: "img", NewName: "enc", Encrypted: true, Transfer: Transfer{
+		Cancel:   cancel,
+		Progress: func(done, total int64) { once(cancel, done) },
+	}})
+	if !errors.Is(err, ErrCanceled) {
+		t.Fatalf("canceled copy: %v", err)
+	}
+	if n := len(tv.v.st.Trees()); n != trees {
+		t.Fatalf("%d trees after a canceled copy, want %d", n, trees)
 	}
 
 	// A crash mid-copy (data committed, record still Creating): invisible,
@@ -322,7 +336,7 @@ func TestImageExportShare(t *testing.T) {
 	tv := newTestVol(t, false)
 	want := sysImage(t, tv)
 	out := filepath.Join(t.TempDir(), "img.raw")
-	res, err := tv.v.ExportImage("img", out, false, nil)
+	res, err := tv.v.ExportImage("img", out, false, Transfer{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -344,10 +358,10 @@ func TestImageExportShare(t *testing.T) {
 	if alloc := st.Blocks * 512; alloc > res.Allocated+64<<10 {
 		t.Fatalf("export allocates %d bytes for %d of data", alloc, res.Allocated)
 	}
-	if _, err := tv.v.ExportImage("img", out, false, nil); err == nil {
+	if _, err := tv.v.ExportImage("img", out, false, Transfer{}); err == nil {
 		t.Fatal("export over an existing file accepted")
 	}
-	if _, err := tv.v.ExportImage("img", out, true, nil); err != nil {
+	if _, err := tv.v.ExportImage("img", out, true, Transfer{}); err != nil {
 		t.Fatal(err)
 	}
 	if ents, _ := os.ReadDir(filepath.Dir(out)); len(ents) != 1 {
@@ -463,5 +477,17 @@ func TestImageSystemDiskReinit(t *testing.T) {
 	}
 	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "x", Image: "nope"}); !errors.Is(err, ErrNoImage) {
 		t.Fatalf("missing image: %v", err)
+	}
+}
+
+// once closes c the first time some data has moved.
+func once(c chan struct{}, done int64) {
+	if done == 0 {
+		return
+	}
+	select {
+	case <-c:
+	default:
+		close(c)
 	}
 }
