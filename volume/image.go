@@ -110,7 +110,7 @@ type CopyImageOptions struct {
 	KMSKeyID string `json:"kms_key_id,omitempty"`
 	// To is the directory of another volume to copy into; "" or this
 	// volume's directory copies within the volume.
-	To string `json:"to,omitempty"`
+	To       string `json:"to,omitempty"`
 	Transfer `json:"-"`
 }
 
