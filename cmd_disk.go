@@ -34,7 +34,7 @@ func diskCommand() *cli.Command {
 					&cli.StringFlag{Name: "size", Usage: "disk `SIZE`, e.g. 20GiB, 512MiB, 1TB (a multiple of 4 KiB; default with --snapshot/--image: the source's size)"},
 					&cli.StringFlag{Name: "category", Usage: "`CATEGORY`: cloud_essd, cloud_ssd, cloud_efficiency, cloud or local (default: config's [defaults] category, else cloud_essd)"},
 					&cli.BoolFlag{Name: "system", Usage: "a system disk (default: a data disk)"},
-					&cli.BoolFlag{Name: "encrypted", Usage: "encrypt the disk (with the region's service key alias/acs/ecs unless --kms-key-id)"},
+					&cli.BoolFlag{Name: "encrypted", Usage: "encrypt the disk (with the region's service key alias/acs/ecs, or the default-encryption key, unless --kms-key-id); --encrypted=false asks for an unencrypted disk, refused while default encryption is on"},
 					&cli.StringFlag{Name: "kms-key-id", Usage: "encrypt with the customer key `KEY` (an id or alias/NAME; implies --encrypted)"},
 					&cli.StringFlag{Name: "snapshot", Usage: "create from snapshot `SNAP`"},
 					&cli.StringFlag{Name: "image", Usage: "create from image `IMG`"},
@@ -81,6 +81,7 @@ func diskCommand() *cli.Command {
 			},
 			diskNameCommand("reinit", "return a disk to the state it was created in (zeros, or its source's content)", opDiskReinit, "re-initialized"),
 			diskNameCommand("delete", "delete a detached disk and its data", opDiskDelete, "deleted"),
+			diskRewrapCommand(),
 		},
 	}
 }
@@ -132,6 +133,10 @@ func runDiskCreate(c *cli.Context) error {
 		Image:     c.String("image"),
 		Detached:  c.Bool("detached"),
 	}
+	o.Unencrypted = c.IsSet("encrypted") && !c.Bool("encrypted")
+	if o.Unencrypted && o.KMSKeyID != "" {
+		return usageErrorf("--encrypted=false and --kms-key-id contradict each other")
+	}
 	if o.Snapshot != "" && o.Image != "" {
 		return usageErrorf("give --snapshot or --image, not both")
 	}
@@ -174,7 +179,11 @@ func diskSummary(d *volume.DiskInfo, o *volume.CreateDiskOptions) string {
 	if d.Role == "system" {
 		parts = append(parts, "system")
 	}
-	parts = append(parts, encryptionSummary(d, o.KMSKeyID))
+	if d.Encrypted && !o.Encrypted && (d.SourceType == "" || d.SourceType == "blank") {
+		parts = append(parts, "encrypted by default encryption with "+d.KMSKeyID)
+	} else {
+		parts = append(parts, encryptionSummary(d, o.KMSKeyID))
+	}
 	if d.SourceType != "" && d.SourceType != "blank" {
 		parts = append(parts, "from "+d.SourceType+" "+firstNonEmpty(o.Snapshot, o.Image, d.Source))
 	}

@@ -139,6 +139,9 @@ func dispatch(v *volume.Volume, op string, args json.RawMessage) (any, error) {
 	if res, ok, err := dispatchImage(v, op, args); ok {
 		return res, err
 	}
+	if res, ok, err := dispatchCloud(v, op, args); ok {
+		return res, err
+	}
 	return nil, fmt.Errorf("unknown operation %q (is the mount daemon an older encdisk? remount the volume)", op)
 }
 
@@ -202,7 +205,8 @@ func directCall(c *cli.Context, abs, op string, args, result any) error {
 	}
 	kms := &lazyKMS{e: e, volDir: abs}
 	defer kms.close()
-	v, err := volume.Open(abs, volume.OpenOptions{KMS: kms.get})
+	billing := volumeBilling(e.cfg)
+	v, err := volume.Open(abs, volume.OpenOptions{KMS: kms.get, Billing: func() (*volume.Billing, error) { return billing, nil }})
 	if err != nil {
 		return err
 	}
@@ -283,6 +287,8 @@ var errorKinds = []struct {
 	{volume.ErrRule, "rule"},
 	{volume.ErrNoKMS, "no_kms"},
 	{volume.ErrNoSnapshot, "no_snapshot"},
+	{volume.ErrBalance, "balance"},
+	{volume.ErrDefaultEncryption, "default_encryption"},
 	{volume.ErrNoImage, "no_image"},
 	{keystore.ErrWrongSecret, "wrong_secret"},
 	{keystore.ErrNoKeystore, "no_keystore"},
@@ -366,6 +372,14 @@ func hintFor(err error) string {
 		return "authorize encdisk to use the key: `encdisk key grant KEY --principal ecs`"
 	case "key_disabled":
 		return "enable it with `encdisk key enable KEY`, or use another key"
+	case "key_pending_deletion":
+		return "cancel the deletion with `encdisk key cancel-deletion KEY`, or use another key"
+	case "key_pending_import":
+		return "import its material again (`encdisk key import-params`, then `encdisk key import`), or use another key"
+	case "balance":
+		return "raise balance in the [billing] table of config.toml; `encdisk billing VOL` shows what was spent"
+	case "default_encryption":
+		return fmt.Sprintf("`encdisk config default-encryption %s` shows the setting", vol)
 	case "newer_format":
 		return "this volume was written by a newer encdisk"
 	}

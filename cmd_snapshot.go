@@ -47,6 +47,7 @@ func snapshotCommand() *cli.Command {
 				Flags:     []cli.Flag{jsonFlag()},
 				Action:    runSnapshotDelete,
 			},
+			snapshotRewrapCommand(),
 		},
 	}
 }

@@ -90,6 +90,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			snapshotCommand(),
 			keyCommand(),
 			keystoreCommand(),
+			billingCommand(),
+			configCommand(),
 			checkCommand(),
 			imageCommand(),
 		},
