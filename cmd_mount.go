@@ -81,6 +81,8 @@ type daemonSecret struct {
 	Keystore   string `json:"keystore,omitempty"` // "" when there is no keystore
 	Passphrase []byte `json:"passphrase,omitempty"`
 	KeyFile    string `json:"key_file,omitempty"`
+	// Config is the config file the daemon reads [billing] from ("" none).
+	Config string `json:"config,omitempty"`
 }
 
 // daemonReady is what the child reports through fd 4.
@@ -132,6 +134,9 @@ func runMount(c *cli.Context) error {
 	sec, err := mountSecret(e, a.absVol)
 	if err != nil {
 		return err
+	}
+	if e.cfg.Path != "" {
+		sec.Config, _ = filepath.Abs(e.cfg.Path)
 	}
 	if c.Bool("foreground") {
 		return runDaemon(c, a, sec, func(err error) {
@@ -374,7 +379,7 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	}
 	var v *volume.Volume
 	for try := 0; ; try++ {
-		v, err = volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: logger.Printf})
+		v, err = volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: logger.Printf, Billing: billingFromFile(sec.Config)})
 		// A command working on the unmounted volume holds it briefly.
 		if !errors.Is(err, volume.ErrLocked) || try >= 15 {
 			break
