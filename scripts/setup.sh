@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what encdisk and its tests need on a Debian machine, as root:
 # e2fsprogs (mkfs.ext4, e2fsck), util-linux and mount (losetup, mount),
-# openssl (the BYOK flow), qemu-img (reads exported images), and checks Go
-# and /dev/fuse. Idempotent.
+# openssl (the BYOK flow), fio (the load test in test/crash), qemu-img, and
+# checks Go and /dev/fuse. Idempotent.
 set -euo pipefail
 
 need=()
-for pair in mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:util-linux mount:mount openssl:openssl qemu-img:qemu-utils; do
+for pair in mkfs.ext4:e2fsprogs e2fsck:e2fsprogs losetup:util-linux mount:mount openssl:openssl fio:fio qemu-img:qemu-utils; do
 	cmd=${pair%%:*} pkg=${pair#*:}
 	command -v "$cmd" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

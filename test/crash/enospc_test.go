@@ -1,0 +1,252 @@
+package crash
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+const chunk = 1 << 20 // the unit TestENOSPC writes and checks
+
+// TestENOSPC puts a volume on a 64 MiB tmpfs and fills it through the
+// mount, three times, each time freeing space another way:
+//
+//  1. punch a hole through the mount (what fstrim or discard does);
+//  2. `encdisk snapshot delete` of a snapshot that holds blocks alone;
+//  3. delete a file of the backing file system.
+//
+// Each time the writer must see ENOSPC (not EIO, not a hang), an fsync
+// right after must still succeed (the metadata has room to commit), every
+// chunk fsynced before must read back intact, and once space is freed
+// writing must work again. At the end the volume is unmounted and mounted
+// again, and everything fsynced is checked once more.
+func TestENOSPC(t *testing.T) {
+	need(t)
+	dir := t.TempDir()
+	small := filepath.Join(dir, "small")
+	mountDev(t, "tmpfs", small, "-t", "tmpfs", "-o", "size=64m,mode=0700")
+	e := newEnvAt(t, dir, filepath.Join(small, "vol"))
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d", "--size", "256MiB", "--encrypted")
+	ballast := filepath.Join(small, "ballast")
+	if err := os.WriteFile(ballast, make4(4<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.mount()
+
+	c := &chunks{t: t, path: filepath.Join(e.mnt, "d"), expect: map[int]uint64{}}
+	c.open()
+	defer func() { c.f.Close() }()
+
+	// 8 MiB in a snapshot, then overwritten: d and s0 each hold their own.
+	for i := 0; i < 8; i++ {
+		c.mustWrite(i, 1)
+	}
+	c.mustSync("base")
+	e.run("snapshot", "create", e.vol, "d", "s0")
+	for i := 0; i < 8; i++ {
+		c.mustWrite(i, 2)
+	}
+	c.mustSync("overwrite")
+	snap := &chunks{t: t, path: filepath.Join(e.mnt, ".snapshots", "d", "s0"), expect: map[int]uint64{}}
+	for i := 0; i < 8; i++ {
+		snap.expect[i] = 1
+	}
+
+	next := 8
+	// fill writes chunks until the file system is full, with an fsync
+	// every so many chunks (a writer that syncs rarely leaves a large
+	// commit to make when the space runs out).
+	fill := func(round string, every int) {
+		t.Helper()
+		var unsynced []int
+		for n := 1; ; n, next = n+1, next+1 {
+			if next*chunk >= 256<<20 {
+				t.Fatalf("%s: the whole disk was written to a 64 MiB file system without an error", round)
+			}
+			err := c.write(next, uint64(100+next))
+			if err == nil {
+				unsynced = append(unsynced, next)
+				if n%every == 0 {
+					err = c.f.Sync()
+					if err == nil {
+						for _, i := range unsynced {
+							c.expect[i] = uint64(100 + i)
+						}
+						unsynced = unsynced[:0]
+					}
+				}
+			}
+			if err == nil {
+				continue
+			}
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Errorf("%s: writing chunk %d to a full file system: %v, want ENOSPC", round, next, err)
+			}
+			t.Logf("%s (fsync every %d MiB): chunk %d: %v", round, every, next, err)
+			// What was fsynced is intact, and the metadata can still
+			// commit: an fsync now makes the writes that returned durable.
+			c.verify(round + ", full")
+			snap.verifyIfThere(round + ", full")
+			c.mustSync(round + ", full")
+			for _, i := range unsynced {
+				if i != next { // the failed chunk may be partly written
+					c.expect[i] = uint64(100 + i)
+				}
+			}
+			c.verify(round + ", full, synced")
+			next++
+			return
+		}
+	}
+
+	// 1. Punch a hole through the mount.
+	fill("round 1", 64)
+	for i := 8; i < 24; i++ {
+		c.expect[i] = 0
+	}
+	if err := unix.Fallocate(int(c.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 8*chunk, 16*chunk); err != nil {
+		t.Fatalf("punch 16 MiB through the mount of a full volume: %v", err)
+	}
+	c.mustSync("round 1, punched")
+	for i := 0; i < 4; i++ {
+		c.mustWrite(next, uint64(100+next))
+		next++
+	}
+	c.mustSync("round 1, after punch")
+	c.verify("round 1, after punch")
+
+	// 2. Delete a snapshot.
+	fill("round 2", 1)
+	e.run("snapshot", "delete", e.vol, "s0")
+	snap = nil
+	for i := 0; i < 4; i++ {
+		c.mustWrite(next, uint64(100+next))
+		next++
+	}
+	c.mustSync("round 2, after snapshot delete")
+	c.verify("round 2, after snapshot delete")
+
+	// 3. Delete a file of the backing file system.
+	fill("round 3", 8)
+	if err := os.Remove(ballast); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ {
+		c.mustWrite(next, uint64(100+next))
+		next++
+	}
+	c.mustSync("round 3, after freeing space")
+	c.verify("round 3, after freeing space")
+
+	c.f.Close()
+	e.umount()
+	e.mount()
+	c.open()
+	c.verify("after a remount")
+	if _, err := os.Stat(filepath.Join(e.mnt, ".snapshots", "d", "s0")); !os.IsNotExist(err) {
+		t.Errorf("deleted snapshot s0: stat says %v", err)
+	}
+	t.Logf("3 rounds of ENOSPC: writer saw ENOSPC each time, fsynced data intact, writes resumed after punch, snapshot delete and freeing the backing file system; %d chunks checked after a remount", len(c.expect))
+}
+
+func make4(n int) []byte {
+	b := make([]byte, n)
+	for i := 0; i < n; i += blockSize {
+		fillBlock(b[i:], uint64(i/blockSize), 7)
+	}
+	return b
+}
+
+// chunks writes and checks a disk (or a snapshot) in 1 MiB chunks of
+// tagged blocks; tag 0 means the chunk reads as zeros.
+type chunks struct {
+	t      *testing.T
+	path   string
+	f      *os.File
+	expect map[int]uint64 // fsynced chunks
+}
+
+func (c *chunks) open() {
+	f, err := os.OpenFile(c.path, os.O_RDWR, 0)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.f = f
+}
+
+func (c *chunks) write(i int, tag uint64) error {
+	buf := make([]byte, chunk)
+	for j := 0; j < chunk/blockSize; j++ {
+		fillBlock(buf[j*blockSize:], uint64(i*chunk/blockSize+j), tag)
+	}
+	_, err := c.f.WriteAt(buf, int64(i)*chunk)
+	return err
+}
+
+func (c *chunks) mustWrite(i int, tag uint64) {
+	c.t.Helper()
+	if err := c.write(i, tag); err != nil {
+		c.t.Fatalf("write chunk %d: %v", i, err)
+	}
+	c.expect[i] = tag
+}
+
+func (c *chunks) mustSync(what string) {
+	c.t.Helper()
+	if err := c.f.Sync(); err != nil {
+		c.t.Fatalf("%s: fsync: %v", what, err)
+	}
+}
+
+func (c *chunks) verifyIfThere(what string) {
+	if c != nil {
+		c.verify(what)
+	}
+}
+
+// verify reads every expected chunk back.
+func (c *chunks) verify(what string) {
+	c.t.Helper()
+	f, err := os.Open(c.path)
+	if err != nil {
+		c.t.Fatalf("%s: %v", what, err)
+	}
+	defer f.Close()
+	buf := make([]byte, chunk)
+	scratch := make([]byte, blockSize)
+	for i, tag := range c.expect {
+		if _, err := f.ReadAt(buf, int64(i)*chunk); err != nil {
+			c.t.Errorf("%s: read %s chunk %d: %v", what, filepath.Base(c.path), i, err)
+			continue
+		}
+		if err := checkChunk(buf, i, tag, scratch); err != nil {
+			c.t.Errorf("%s: %s chunk %d: %v", what, filepath.Base(c.path), i, err)
+		}
+	}
+}
+
+func checkChunk(buf []byte, i int, tag uint64, scratch []byte) error {
+	if tag == 0 {
+		if !allZero(buf) {
+			return fmt.Errorf("discarded, but does not read as zeros")
+		}
+		return nil
+	}
+	for j := 0; j < chunk/blockSize; j++ {
+		idx := uint64(i*chunk/blockSize + j)
+		got, err := parseBlock(buf[j*blockSize:(j+1)*blockSize], idx, scratch)
+		if err != nil {
+			return err
+		}
+		if got != tag {
+			return fmt.Errorf("block %d holds write %d, want %d", idx, got, tag)
+		}
+	}
+	return nil
+}
