@@ -359,6 +359,7 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 		log.Printf("encdisk: prctl(PR_SET_DUMPABLE): %v", perr)
 	}
 	logger := log.New(os.Stderr, "", log.LstdFlags)
+	lockMemory(logger)
 	logger.Printf("mount %s at %s (pid %d)", a.absVol, a.absMP, os.Getpid())
 
 	var ks *keystore.Keystore
@@ -505,6 +506,25 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	logger.Printf("unmounted %s", a.absMP)
 	srv.Close()
 	return nil
+}
+
+// lockMemory keeps the daemon's pages, where the data keys and the
+// keystore's key-encryption key live, out of swap: mlockall of what is mapped
+// now and of every later mapping, as HashiCorp Vault does. MCL_FUTURE makes
+// every later allocation fail once RLIMIT_MEMLOCK is reached (the Go runtime
+// then dies), so without root (CAP_IPC_LOCK) or an unlimited limit the
+// daemon logs that its memory is not locked instead.
+func lockMemory(logger *log.Logger) {
+	var rl unix.Rlimit
+	if os.Geteuid() != 0 && (unix.Getrlimit(unix.RLIMIT_MEMLOCK, &rl) != nil || rl.Cur != unix.RLIM_INFINITY) {
+		logger.Printf("memory not locked: mlockall needs root or an unlimited RLIMIT_MEMLOCK (ulimit -l); keys may be swapped out")
+		return
+	}
+	if err := unix.Mlockall(unix.MCL_CURRENT | unix.MCL_FUTURE); err != nil {
+		logger.Printf("memory not locked: mlockall: %v; keys may be swapped out", err)
+		return
+	}
+	logger.Printf("memory locked against swap (mlockall)")
 }
 
 // openDisks describes the disks someone has open: "data1 is open by pid 42
