@@ -635,16 +635,27 @@ func (v *Volume) CopyImage(o CopyImageOptions) (*CopyImageResult, error) {
 	defer wipeCipher(srcC)
 	var dstC *blockcrypt.Cipher
 	r.Encrypted, r.KMSKeyID, r.WrappedKey, r.KeyOwner = false, "", nil, ""
+	var pb *pendingBill
 	if encrypt {
-		dst.mu.Lock()
-		k, err := dst.getKMS()
-		dst.mu.Unlock()
-		if err != nil {
-			return fail(err)
-		}
 		keyRef := o.KMSKeyID
 		if keyRef == "" {
 			keyRef = srec.KMSKeyID // "" (the service key) for an unencrypted source
+		}
+		// KMS calls, billed on customer keys and refused before anything
+		// happens when the balance cannot cover them: GenerateDataKey of
+		// the new key, and the Decrypt of the source's.
+		calls := []keyCall{{ref: keyRef, calls: 1}}
+		if srec.Encrypted {
+			calls = append(calls, keyCall{ref: srec.KMSKeyID, calls: 1, recorded: true})
+		}
+		dst.mu.Lock()
+		k, err := dst.getKMS()
+		if err == nil {
+			pb, err = dst.charge("CopyImage", "image "+o.NewName, calls...)
+		}
+		dst.mu.Unlock()
+		if err != nil {
+			return fail(err)
 		}
 		r.KeyOwner = r.ID
 		dk, wrapped, keyID, err := k.GenerateDataKey(dst.hdr.Region, keyRef, dataKeySize, dst.keyContext(r.KeyOwner))
@@ -706,12 +717,14 @@ func (v *Volume) CopyImage(o CopyImageOptions) (*CopyImageResult, error) {
 		return fail(err) // left for the next open to roll back
 	}
 	if err == nil {
-		err = dst.st.Apply(func(*snapshots.Tx) error { return nil }, func(tx *bolt.Tx) error {
-			if err := dst.writeImageDir(&r); err != nil {
-				return err
-			}
-			return putImage(tx, &r)
-		})
+		err = dst.st.Apply(func(*snapshots.Tx) error { return nil }, billExtra(pb,
+			func() map[string]bool { return dst.keysInUse("", r.KMSKeyID) },
+			func(tx *bolt.Tx) error {
+				if err := dst.writeImageDir(&r); err != nil {
+					return err
+				}
+				return putImage(tx, &r)
+			}))
 		if err == nil {
 			im := &image{rec: r}
 			dst.images[r.Name] = im

@@ -491,3 +491,38 @@ func once(c chan struct{}, done int64) {
 		close(c)
 	}
 }
+
+func TestImageCopyBilling(t *testing.T) {
+	tv := newTestVol(t, false)
+	sysImage(t, tv)
+	prices := &Billing{Currency: "CNY", PricePer10k: 10000, KeyPricePerDay: 5}
+	openBilled(t, tv, prices)
+	v := tv.v
+	// Free: a shared copy (no KMS call), an encrypted copy under the service key.
+	if _, err := v.CopyImage(CopyImageOptions{Name: "img", NewName: "shared"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.CopyImage(CopyImageOptions{Name: "img", NewName: "svc", Encrypted: true}); err != nil {
+		t.Fatal(err)
+	}
+	// A customer key is billed, and refused over the balance with nothing made.
+	bal := 0.5
+	prices.Balance = &bal
+	if _, err := v.CopyImage(CopyImageOptions{Name: "svc", NewName: "cmk", KMSKeyID: "key-cmk"}); !errors.Is(err, ErrBalance) {
+		t.Fatalf("copy over balance: %v", err)
+	}
+	if _, err := v.ShowImage("cmk"); !errors.Is(err, ErrNoImage) {
+		t.Fatalf("refused copy left an image: %v", err)
+	}
+	prices.Balance = nil
+	if _, err := v.CopyImage(CopyImageOptions{Name: "svc", NewName: "cmk", KMSKeyID: "key-cmk"}); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := v.Billing()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if calls(rep, "CopyImage", "key-svc") != 2 || calls(rep, "CopyImage", "key-cmk") != 1 {
+		t.Fatalf("CopyImage calls: %+v", rep.Calls)
+	}
+}
