@@ -176,7 +176,7 @@ func runBilling(c *cli.Context) error {
 	if len(rep.Keys) > 0 {
 		fmt.Fprintln(w)
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "KEY\tKIND\tBILLED\tIN USE\tDAYS\tCALLS\tCOST")
+		fmt.Fprintln(tw, "KEY\tKIND\tBILLED\tIN USE\tDAYS\tCALLS\tKEY FEE")
 		for _, k := range rep.Keys {
 			billed := "no (free)"
 			if k.Billed {

@@ -179,7 +179,7 @@ func diskSummary(d *volume.DiskInfo, o *volume.CreateDiskOptions) string {
 	if d.Role == "system" {
 		parts = append(parts, "system")
 	}
-	if d.Encrypted && !o.Encrypted && (d.SourceType == "" || d.SourceType == "blank") {
+	if d.EncryptedByDefault {
 		parts = append(parts, "encrypted by default encryption with "+d.KMSKeyID)
 	} else {
 		parts = append(parts, encryptionSummary(d, o.KMSKeyID))

@@ -120,4 +120,8 @@ type DiskInfo struct {
 	Source     string    `json:"source,omitempty"`
 	Created    time.Time `json:"created"`
 	OpenBy     []string  `json:"open_by,omitempty"` // while mounted: who has it open
+
+	// EncryptedByDefault: CreateDisk encrypted the disk, or chose its key,
+	// because default encryption is on (only in CreateDisk's answer).
+	EncryptedByDefault bool `json:"encrypted_by_default,omitempty"`
 }

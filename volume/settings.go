@@ -33,6 +33,8 @@ type DefaultEncryption struct {
 	KeyID   string    `json:"kms_key_id,omitempty"` // "" with Enabled: the service key
 	KeyKind string    `json:"key_kind,omitempty"`   // KeyService, KeyCustomer or KeyBYOK
 	Updated time.Time `json:"updated,omitzero"`
+
+	applied bool // CreateDisk: the setting chose the disk's encryption or key
 }
 
 func (v *Volume) readDefaultEncryption() (*DefaultEncryption, error) {
@@ -127,6 +129,7 @@ func (v *Volume) applyDefaultEncryption(o *CreateDiskOptions) (*DefaultEncryptio
 		return nil, fmt.Errorf("%w in region %s: every new disk is encrypted, an unencrypted one cannot be created (%s)", ErrDefaultEncryption, v.hdr.Region, off)
 	}
 	if o.Snapshot == "" && o.Image == "" {
+		de.applied = !o.Encrypted || o.KMSKeyID == ""
 		o.Encrypted = true
 		if o.KMSKeyID == "" {
 			o.KMSKeyID = de.KeyID
@@ -143,4 +146,13 @@ func (v *Volume) refuseUnencrypted(de *DefaultEncryption, src *snapshot) error {
 		return nil
 	}
 	return fmt.Errorf("%w in region %s: %s %s is not encrypted, so a disk made from it would not be, and no unencrypted disk can be created (turn default encryption off with `encdisk config default-encryption VOL --off`)", ErrDefaultEncryption, v.hdr.Region, src.sourceKind(), src.rec.Name)
+}
+
+// refuseConversion: an explicit request for an unencrypted disk from an
+// encrypted snapshot or image would convert encrypted data to unencrypted.
+func refuseConversion(src *snapshot, o *CreateDiskOptions) error {
+	if src.rec.Encrypted && o.Unencrypted {
+		return fmt.Errorf("%w: %s %s is encrypted, and a disk made from it is encrypted with the same key; an encrypted disk cannot be converted to an unencrypted one (copy the data into a new unencrypted disk instead)", ErrRule, src.sourceKind(), src.rec.Name)
+	}
+	return nil
 }

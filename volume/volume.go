@@ -597,6 +597,9 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 		r.Status = StatusAvailable
 	}
 	if src != nil {
+		if err := refuseConversion(src, &o); err != nil {
+			return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
+		}
 		if err := v.refuseUnencrypted(de, src); err != nil {
 			return nil, fmt.Errorf("volume: create disk %s: %w", o.Name, err)
 		}
@@ -665,6 +668,7 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 	d.setRec(r)
 	v.disks[r.Name] = d
 	di := v.info(d)
+	di.EncryptedByDefault = de != nil && de.applied
 	return &di, nil
 }
 
