@@ -476,6 +476,16 @@ func withTransfer(c *cli.Context, what string, call func() error) error {
 		pl = &progressLine{w: f, what: what, start: time.Now()}
 		t.Progress = pl.update
 	}
+	if d, err := time.ParseDuration(os.Getenv("ENCDISK_TEST_COPY_DELAY")); err == nil {
+		// Tests slow the copy down to interrupt it halfway.
+		progress := t.Progress
+		t.Progress = func(done, total int64) {
+			if progress != nil {
+				progress(done, total)
+			}
+			time.Sleep(d)
+		}
+	}
 	setImageTransfer(t)
 	defer setImageTransfer(volume.Transfer{})
 
