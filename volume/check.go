@@ -119,6 +119,7 @@ func (v *Volume) Check(repair bool) (*CheckReport, error) {
 		}
 		return v.writeSnapDir(r)
 	}, repair)
+	v.checkImageDirs(rep, repair)
 	return rep, nil
 }
 

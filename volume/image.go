@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -32,6 +33,10 @@ import (
 
 // ErrNoImage: no image of that name.
 var ErrNoImage = errors.New("no such image")
+
+// ProblemImageDir: VOL/images/ID does not match the image catalogue (a
+// Check problem kind).
+const ProblemImageDir = "image-dir"
 
 var bucketImages = []byte("images")
 
@@ -318,6 +323,49 @@ func checkImages(tx *bolt.Tx, rep *CheckReport, useTree func(what string, t uint
 }
 
 var imageIDRE = regexp.MustCompile(`^m-[0-9a-f]{16}$`)
+
+// checkImageDirs compares VOL/images with the image catalogue, as
+// checkSnapDirs does for snapshots; repair rewrites a record's directory or
+// removes one no image owns. v.mu held.
+func (v *Volume) checkImageDirs(rep *CheckReport, repair bool) {
+	known := map[string]bool{}
+	for _, im := range v.images {
+		r := &im.rec
+		known[r.ID] = true
+		want, _ := json.MarshalIndent(r, "", "  ")
+		p := filepath.Join(v.imageDir(r.ID), "image.json")
+		b, err := os.ReadFile(p)
+		var prob *snapshots.Problem
+		switch {
+		case err != nil:
+			prob = rep.add(ProblemImageDir, true, "image %s: %v", r.Name, err)
+		default:
+			var got imageRecord
+			if json.Unmarshal(b, &got) != nil {
+				prob = rep.add(ProblemImageDir, true, "image %s: %s does not decode", r.Name, p)
+			} else if g, _ := json.MarshalIndent(&got, "", "  "); !bytes.Equal(g, want) {
+				prob = rep.add(ProblemImageDir, true, "image %s: %s differs from the catalogue", r.Name, p)
+			}
+		}
+		if prob != nil && repair {
+			if err := v.writeImageDir(r); err != nil {
+				prob.Detail += fmt.Sprintf("; rewriting it failed: %v", err)
+			} else {
+				prob.Repaired = true
+			}
+		}
+	}
+	ents, _ := os.ReadDir(filepath.Join(v.dir, imagesDir))
+	for _, e := range ents {
+		if known[e.Name()] {
+			continue
+		}
+		p := rep.add(ProblemImageDir, true, "%s belongs to no image in the catalogue", v.imageDir(e.Name()))
+		if repair && os.RemoveAll(v.imageDir(e.Name())) == nil {
+			p.Repaired = true
+		}
+	}
+}
 
 func (v *Volume) lookupImage(name string) (*image, error) {
 	if v.closed {

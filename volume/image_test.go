@@ -526,3 +526,28 @@ func TestImageCopyBilling(t *testing.T) {
 		t.Fatalf("CopyImage calls: %+v", rep.Calls)
 	}
 }
+
+func TestImageCheckDirs(t *testing.T) {
+	tv := newTestVol(t, false)
+	sysImage(t, tv)
+	id := tv.v.images["img"].rec.ID
+	p := filepath.Join(tv.dir, imagesDir, id, "image.json")
+	os.WriteFile(p, []byte("{}"), 0o600)
+	os.MkdirAll(filepath.Join(tv.dir, imagesDir, "m-0000000000000000"), 0o700)
+	rep := tv.check(false)
+	if n := problemKinds(rep)[ProblemImageDir]; n != 2 {
+		t.Fatalf("image-dir problems: %v", rep.All())
+	}
+	if rep := tv.check(true); !rep.OK() {
+		t.Fatalf("repair: %v", rep.All())
+	}
+	if rep := tv.check(false); !rep.OK() {
+		t.Fatalf("after repair: %v", rep.All())
+	}
+	// Open rewrites a missing directory too.
+	os.RemoveAll(filepath.Join(tv.dir, imagesDir, id))
+	tv.reopen(false)
+	if _, err := os.Stat(p); err != nil {
+		t.Fatal(err)
+	}
+}
