@@ -311,8 +311,8 @@ func (pb *pendingBill) commit(tx *bolt.Tx, inUse map[string]bool) error {
 	return b.Put(billingStateKey, val)
 }
 
-// keysInUse is the set of key ids of the volume's encrypted disks and
-// snapshots, leaving out the disk or snapshot with id skip and adding add.
+// keysInUse is the set of key ids of the volume's encrypted disks,
+// snapshots and images, leaving out the one with id skip and adding add.
 // v.mu held.
 func (v *Volume) keysInUse(skip string, add ...string) map[string]bool {
 	m := map[string]bool{}
@@ -324,6 +324,11 @@ func (v *Volume) keysInUse(skip string, add ...string) map[string]bool {
 	for _, s := range v.snaps {
 		if s.rec.Encrypted && s.rec.ID != skip {
 			m[s.rec.KMSKeyID] = true
+		}
+	}
+	for _, im := range v.images {
+		if im.rec.Encrypted && im.rec.ID != skip {
+			m[im.rec.KMSKeyID] = true
 		}
 	}
 	for _, id := range add {
