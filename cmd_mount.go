@@ -92,7 +92,15 @@ type daemonReady struct {
 	Error string `json:"error,omitempty"`
 	Hint  string `json:"hint,omitempty"`
 	Kind  string `json:"kind,omitempty"`
+	// Warnings: attached disks that mounted without a usable data key.
+	Warnings []string `json:"warnings,omitempty"`
 }
+
+// mountWarnings collects, while the daemon opens the volume, the attached
+// disks whose data key cannot be unwrapped (a damaged key file, a disabled
+// key): the mount goes on, their I/O fails, and `encdisk mount` says so
+// rather than leaving the user to find EIO and daemon.log.
+var mountWarnings []string
 
 type mountArgs struct {
 	vol, mp       string // as the user wrote them
@@ -142,6 +150,7 @@ func runMount(c *cli.Context) error {
 		return runDaemon(c, a, sec, func(err error) {
 			if err == nil {
 				fmt.Fprintf(c.App.Writer, "mounted %s at %s (pid %d)\n", a.vol, a.mp, os.Getpid())
+				printMountWarnings(c, mountWarnings)
 			}
 		})
 	}
@@ -274,6 +283,7 @@ func spawnDaemon(c *cli.Context, a mountArgs, sec *daemonSecret) error {
 		pid := cmd.Process.Pid
 		cmd.Process.Release()
 		fmt.Fprintf(c.App.Writer, "mounted %s at %s (pid %d)\n", a.vol, a.mp, pid)
+		printMountWarnings(c, r.Warnings)
 		return nil
 	}
 	werr := cmd.Wait()
@@ -312,7 +322,7 @@ func runDaemonChild(c *cli.Context, a mountArgs) error {
 	}
 	wipeBytes(b)
 	report := func(err error) {
-		r := daemonReady{OK: err == nil, PID: os.Getpid()}
+		r := daemonReady{OK: err == nil, PID: os.Getpid(), Warnings: mountWarnings}
 		if err != nil {
 			r.Error, r.Hint, r.Kind = err.Error(), hintFor(volError(err, a.vol)), errKind(err)
 		}
@@ -378,9 +388,16 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 		}
 		return kmsAdapter{ks}, nil
 	}
+	openLogf := func(format string, args ...any) {
+		logger.Printf(format, args...)
+		if format == "disk %s: data key unavailable: %v" { // volume.Volume.open
+			mountWarnings = append(mountWarnings, fmt.Sprintf(format, args...))
+		}
+	}
 	var v *volume.Volume
 	for try := 0; ; try++ {
-		v, err = volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: logger.Printf, Billing: billingFromFile(sec.Config)})
+		mountWarnings = nil
+		v, err = volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: openLogf, Billing: billingFromFile(sec.Config)})
 		// A command working on the unmounted volume holds it briefly.
 		if !errors.Is(err, volume.ErrLocked) || try >= 15 {
 			break
@@ -506,6 +523,12 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	logger.Printf("unmounted %s", a.absMP)
 	srv.Close()
 	return nil
+}
+
+func printMountWarnings(c *cli.Context, ws []string) {
+	for _, w := range ws {
+		fmt.Fprintf(c.App.ErrWriter, "encdisk: warning: %s (its I/O fails until the key is usable; other disks work)\n", w)
+	}
 }
 
 // lockMemory keeps the daemon's pages, where the data keys and the

@@ -1,0 +1,262 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Bad input through the real binary: each gives a clear error (exit status
+// non-zero, "encdisk: error: …", no panic or internal error), and nothing
+// is lost (the data is there once the input is put right).
+
+// failWith runs encdisk expecting a clean failure whose stderr contains
+// every one of want (case-insensitive), and returns stderr.
+func (e *env) failWith(args []string, want ...string) string {
+	e.t.Helper()
+	c := e.cmd(args...)
+	var stdout, stderr bytes.Buffer
+	c.Stdout, c.Stderr = &stdout, &stderr
+	err := c.Run()
+	msg := stderr.String()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		e.t.Errorf("encdisk %s succeeded, want an error\n%s", strings.Join(args, " "), stdout.String())
+	case !errors.As(err, &ee):
+		e.t.Errorf("encdisk %s: %v", strings.Join(args, " "), err)
+	case ee.ExitCode() != 1 && ee.ExitCode() != 2:
+		e.t.Errorf("encdisk %s: exit status %d, want 1 or 2\n%s", strings.Join(args, " "), ee.ExitCode(), msg)
+	}
+	checkClean(e.t, args, msg)
+	for _, w := range want {
+		if !strings.Contains(strings.ToLower(msg), strings.ToLower(w)) {
+			e.t.Errorf("encdisk %s: stderr %q does not mention %q", strings.Join(args, " "), msg, w)
+		}
+	}
+	return msg
+}
+
+// checkClean fails the test if msg shows a crash rather than an error.
+func checkClean(t *testing.T, args []string, msg string) {
+	t.Helper()
+	for _, bad := range []string{"panic", "internal error", "goroutine ", "runtime error", "SIGSEGV"} {
+		if strings.Contains(msg, bad) {
+			t.Errorf("encdisk %s crashed (%q):\n%s", strings.Join(args, " "), bad, msg)
+		}
+	}
+	if msg != "" && !strings.Contains(msg, "encdisk: error: ") {
+		t.Errorf("encdisk %s: stderr without \"encdisk: error: \":\n%s", strings.Join(args, " "), msg)
+	}
+}
+
+func args(a ...string) []string { return a }
+
+// pattern is recognisable data for a disk.
+var pattern = bytes.Repeat([]byte("badinput-data-0123456789abcdef!!"), 1<<15) // 1 MiB
+
+// seedVolume makes a volume with an encrypted disk "d" holding pattern at
+// offset 1 MiB (written through a mount), a plain disk "p", and a snapshot
+// "s1" of d.
+func seedVolume(t *testing.T) *env {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d", "--size", "64MiB", "--encrypted")
+	e.run("disk", "create", e.vol, "p", "--size", "16MiB")
+	pid := e.mount()
+	writeAt(t, filepath.Join(e.mnt, "d"), pattern, 1<<20)
+	writeAt(t, filepath.Join(e.mnt, "p"), pattern[:4096], 0)
+	e.run("snapshot", "create", e.vol, "d", "s1")
+	e.run("umount", e.mnt)
+	waitGone(pid, 10*time.Second)
+	return e
+}
+
+func writeAt(t *testing.T, path string, p []byte, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(p, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// verifyData mounts the volume and checks d (and its snapshot) still hold
+// the pattern, then unmounts.
+func (e *env) verifyData() {
+	e.t.Helper()
+	pid := e.mount()
+	for _, p := range []string{filepath.Join(e.mnt, "d"), filepath.Join(e.mnt, ".snapshots", "d", "s1")} {
+		f, err := os.Open(p)
+		if err != nil {
+			e.t.Fatalf("open %s: %v", p, err)
+		}
+		got := make([]byte, len(pattern))
+		_, err = f.ReadAt(got, 1<<20)
+		f.Close()
+		if err != nil || !bytes.Equal(got, pattern) {
+			e.t.Fatalf("%s: data lost (%v)", p, err)
+		}
+	}
+	e.run("umount", e.mnt)
+	waitGone(pid, 10*time.Second)
+	if out := e.run("check", e.vol); !strings.Contains(out, "consistent") {
+		e.t.Errorf("check after the bad input: %s", out)
+	}
+}
+
+// notMounted fails the test if a daemon or a mount was left behind.
+func (e *env) notMounted() {
+	e.t.Helper()
+	if _, err := os.Stat(filepath.Join(e.vol, "control.sock")); err == nil {
+		e.t.Error("a control socket was left behind")
+	}
+	if b, _ := os.ReadFile("/proc/self/mountinfo"); bytes.Contains(b, []byte(" "+e.mnt+" ")) {
+		e.t.Errorf("%s is still mounted", e.mnt)
+		syscall.Unmount(e.mnt, syscall.MNT_DETACH)
+	}
+}
+
+func TestBadSecretAndKeystore(t *testing.T) {
+	e := seedVolume(t)
+	pw, _ := os.ReadFile(e.pwFile)
+
+	t.Run("wrong passphrase", func(t *testing.T) {
+		os.WriteFile(e.pwFile, []byte("not the passphrase\n"), 0o600)
+		defer os.WriteFile(e.pwFile, pw, 0o600)
+		e.failWith(args("mount", e.vol, e.mnt), "wrong passphrase", "hint")
+		e.notMounted()
+		e.failWith(args("disk", "create", e.vol, "x", "--size", "1GiB", "--encrypted"), "wrong passphrase")
+		e.failWith(args("disk", "attach", e.vol, "d"), "") // attached already, or the key: either is an error
+	})
+
+	ksFile := filepath.Join(e.kms, "keystore.json")
+	keyFiles, _ := filepath.Glob(filepath.Join(e.kms, "regions", "*", "keys", "*.json"))
+	if len(keyFiles) == 0 {
+		t.Fatal("no key files in the keystore")
+	}
+	// A damaged keystore.json: nothing that needs the keystore starts.
+	// A damaged key file: the mount goes on (other disks work) but says
+	// which disk has no usable key; its I/O fails; nothing needing that
+	// key succeeds.
+	for _, c := range []struct {
+		name, file string
+		damage     func(b []byte) []byte
+		mounts     bool
+	}{
+		{"keystore.json byte flipped", ksFile, flipInside("ciphertext"), false},
+		{"keystore.json truncated", ksFile, func(b []byte) []byte { return b[:len(b)/2] }, false},
+		{"keystore.json emptied", ksFile, func([]byte) []byte { return nil }, false},
+		{"key file byte flipped", keyFiles[0], flipInside("sealed_material"), true},
+		{"key file truncated", keyFiles[0], func(b []byte) []byte { return b[:len(b)/3] }, true},
+		{"key file state edited", keyFiles[0], func(b []byte) []byte { return bytes.Replace(b, []byte(`"Enabled"`), []byte(`"Disabled"`), 1) }, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			orig, err := os.ReadFile(c.file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			os.WriteFile(c.file, c.damage(append([]byte(nil), orig...)), 0o600)
+			defer os.WriteFile(c.file, orig, 0o600)
+			var msg string
+			if !c.mounts {
+				msg = e.failWith(args("mount", e.vol, e.mnt))
+				e.notMounted()
+			} else {
+				cmd := e.cmd("mount", e.vol, e.mnt)
+				var stderr bytes.Buffer
+				cmd.Stderr = &stderr
+				out, err := cmd.Output()
+				msg = stderr.String()
+				if err != nil {
+					t.Fatalf("mount: %v\n%s", err, msg)
+				}
+				if !strings.Contains(msg, "encdisk: warning: disk d: data key unavailable") {
+					t.Errorf("mount with %s did not warn about disk d:\n%s%s", c.name, out, msg)
+				}
+				checkClean(t, args("mount"), "")
+				if _, err := os.ReadFile(filepath.Join(e.mnt, "d")); !errors.Is(err, syscall.EIO) {
+					t.Errorf("read of d without its key: %v, want EIO", err)
+				}
+				if b, err := os.ReadFile(filepath.Join(e.mnt, "p")); err != nil || !bytes.Equal(b[:4096], pattern[:4096]) {
+					t.Errorf("the unencrypted disk does not work: %v", err)
+				}
+				e.failWith(args("disk", "create", e.vol, "x", "--size", "1GiB", "--encrypted"))
+				e.run("umount", e.mnt)
+				time.Sleep(200 * time.Millisecond)
+			}
+			// (A flipped bit in the sealed KEK is indistinguishable from a
+			// wrong passphrase: that seal is the passphrase's verifier.)
+			low := strings.ToLower(msg)
+			if !strings.Contains(low, "damaged") && !strings.Contains(low, "tamper") && !strings.Contains(low, "disabled") &&
+				!strings.Contains(low, "wrong passphrase") {
+				t.Errorf("%s: %q does not say what is wrong", c.name, msg)
+			}
+			e.failWith(args("disk", "create", e.vol, "x", "--size", "1GiB", "--encrypted"))
+		})
+	}
+	e.verifyData()
+}
+
+// flipInside flips a bit in the base64 text after "field": somewhere inside
+// an authenticated value.
+func flipInside(field string) func(b []byte) []byte {
+	return func(b []byte) []byte {
+		i := bytes.Index(b, []byte(`"`+field+`"`))
+		if i < 0 {
+			panic("no field " + field)
+		}
+		j := i + len(field) + 6
+		for b[j] == '"' || b[j] == ':' || b[j] == ' ' || b[j] == '[' || b[j] == '{' {
+			j++
+		}
+		if b[j] == 'A' {
+			b[j] = 'B'
+		} else {
+			b[j] = 'A'
+		}
+		return b
+	}
+}
+
+// editCatalogue changes the record of disk name in meta.db.
+func editCatalogue(t *testing.T, e *env, name string, fn func(m map[string]any)) {
+	t.Helper()
+	db, err := bolt.Open(filepath.Join(e.vol, "meta.db"), 0o600, &bolt.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	err = db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket([]byte("disks"))
+		return b.ForEach(func(k, v []byte) error {
+			var m map[string]any
+			json.Unmarshal(v, &m)
+			if m["name"] != name {
+				return nil
+			}
+			fn(m)
+			nv, _ := json.Marshal(m)
+			return b.Put(append([]byte(nil), k...), nv)
+		})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
