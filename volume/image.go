@@ -618,6 +618,12 @@ func (v *Volume) CopyImage(o CopyImageOptions) (*CopyImageResult, error) {
 			if srec.Encrypted && h.Region != v.hdr.Region {
 				return fail(fmt.Errorf("%w: encrypted images cannot be copied to another region (%s is in %s, %s in %s)", ErrRule, v.dir, v.hdr.Region, o.To, h.Region))
 			}
+			if (srec.Encrypted || o.Encrypted || o.KMSKeyID != "") && h.KeystoreDir != "" && v.hdr.KeystoreDir != "" &&
+				filepath.Clean(h.KeystoreDir) != filepath.Clean(v.hdr.KeystoreDir) {
+				// The copy's data key would be wrapped by this volume's
+				// keystore, which the other volume does not use.
+				return fail(fmt.Errorf("%w: %s uses another keystore (%s) than %s (%s): an encrypted copy made here could not be decrypted there; copy the unencrypted image, then encrypt it in %s with `image copy --encrypted`", ErrRule, o.To, h.KeystoreDir, v.dir, v.hdr.KeystoreDir, o.To))
+			}
 			dv, err := Open(o.To, OpenOptions{KMS: v.opts.KMS, Logf: v.opts.Logf})
 			if errors.Is(err, ErrLocked) {
 				return fail(fmt.Errorf("volume %s: %w: it is mounted or another encdisk command has it open; copy into it while it is not mounted (`encdisk umount` it first)", o.To, ErrLocked))

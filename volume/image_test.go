@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/encdisk/encdisk/snapshots"
@@ -548,6 +549,21 @@ func TestImageCheckDirs(t *testing.T) {
 	os.RemoveAll(filepath.Join(tv.dir, imagesDir, id))
 	tv.reopen(false)
 	if _, err := os.Stat(p); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestImageCopyOtherKeystore(t *testing.T) {
+	tv := newTestVol(t, false) // keystore recorded as /nonexistent
+	sysImage(t, tv)
+	other := filepath.Join(t.TempDir(), "o")
+	if _, err := Init(other, InitOptions{Region: "cn-hangzhou", KeystoreDir: "/elsewhere"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tv.v.CopyImage(CopyImageOptions{Name: "img", NewName: "enc", Encrypted: true, To: other}); !errors.Is(err, ErrRule) || !strings.Contains(err.Error(), "another keystore") {
+		t.Fatalf("encrypted copy to a volume of another keystore: %v", err)
+	}
+	if _, err := tv.v.CopyImage(CopyImageOptions{Name: "img", NewName: "img", To: other}); err != nil {
 		t.Fatal(err)
 	}
 }
