@@ -154,6 +154,10 @@ func CheckDir(dir string) (*CheckReport, error) {
 		rep.add(ProblemMetadata, false, "%s is missing: the catalogue and every block map are gone", metaFile)
 		return rep, nil
 	}
+	if err := checkBoltFile(metaPath); err != nil {
+		rep.add(ProblemMetadata, false, "%v", err)
+		return rep, nil
+	}
 	db, err := bolt.Open(metaPath, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
 	if err != nil {
 		rep.add(ProblemMetadata, false, "%s does not open: %v", metaFile, err)

@@ -251,6 +251,12 @@ func TestVolumeCheckOffline(t *testing.T) {
 			tv.v = nil
 			os.Remove(filepath.Join(tv.dir, metaFile))
 		}},
+		{"truncated meta.db", ProblemMetadata, func(t *testing.T, tv *testVol) {
+			// bbolt alone dies of SIGBUS on this (checkBoltFile).
+			tv.v.Close()
+			tv.v = nil
+			os.Truncate(filepath.Join(tv.dir, metaFile), 8192)
+		}},
 		{"garbage meta.db", ProblemMetadata, func(t *testing.T, tv *testVol) {
 			tv.v.Close()
 			tv.v = nil

@@ -266,6 +266,9 @@ func (v *Volume) open() error {
 	if _, err := os.Stat(filepath.Join(v.dir, metaFile)); err != nil {
 		return fmt.Errorf("volume: open metadata of %s: %w: %w", v.dir, snapshots.ErrCorrupt, err)
 	}
+	if err := checkBoltFile(filepath.Join(v.dir, metaFile)); err != nil {
+		return fmt.Errorf("volume: open metadata of %s: %w", v.dir, err)
+	}
 	db, err := bolt.Open(filepath.Join(v.dir, metaFile), 0o600, &bolt.Options{Timeout: time.Second, NoFreelistSync: true})
 	if err != nil {
 		return fmt.Errorf("volume: open metadata of %s: %w", v.dir, err)

@@ -259,4 +259,3 @@ func editCatalogue(t *testing.T, e *env, name string, fn func(m map[string]any))
 		t.Fatal(err)
 	}
 }
-
