@@ -166,6 +166,11 @@ func (st *billState) spent(p *Billing, now time.Time) (calls, keys float64) {
 	return calls, keys
 }
 
+// freeOfBalance are the operations a short balance never refuses: they are
+// counted, but refusing them would keep a user who ran out from deleting
+// what costs money.
+var freeOfBalance = map[string]bool{"DeleteDisk": true, "DeleteSnapshot": true}
+
 // keyCall is one KMS API call of an operation: on key ref (an id, or an
 // alias to resolve; "" the service key).
 type keyCall struct {
@@ -247,7 +252,7 @@ func (v *Volume) charge(op, what string, calls ...keyCall) (*pendingBill, error)
 			}
 		}
 	}
-	if p.Balance != nil && cost > 0 {
+	if p.Balance != nil && cost > 0 && !freeOfBalance[op] {
 		c, k := st.spent(p, pb.now)
 		left := *p.Balance - c - k
 		if cost > left+1e-9 {

@@ -127,6 +127,8 @@ func (v *Volume) applyDefaultEncryption(o *CreateDiskOptions) (*DefaultEncryptio
 		return nil, fmt.Errorf("%w: default encryption is on in region %s, and local disks cannot be encrypted: no local disk can be created (%s)", ErrRule, v.hdr.Region, off)
 	case o.Unencrypted:
 		return nil, fmt.Errorf("%w in region %s: every new disk is encrypted, an unencrypted one cannot be created (%s)", ErrDefaultEncryption, v.hdr.Region, off)
+	case o.System && o.Snapshot == "" && o.Image == "":
+		return nil, fmt.Errorf("%w in region %s: a new system disk must be encrypted, and an encrypted system disk can only be created from an encrypted image (copy a custom image with `encdisk image copy --encrypted`, then `disk create --system --image`; or %s)", ErrDefaultEncryption, v.hdr.Region, off)
 	}
 	if o.Snapshot == "" && o.Image == "" {
 		de.applied = !o.Encrypted || o.KMSKeyID == ""
