@@ -369,3 +369,126 @@ func TestDamagedVolumeFiles(t *testing.T) {
 	}
 	e.verifyData()
 }
+
+func snapshotDir(t *testing.T, e *env, name string) string {
+	t.Helper()
+	var s struct {
+		ID string `json:"id"`
+	}
+	if err := json.Unmarshal([]byte(e.run("snapshot", "show", e.vol, name, "--json")), &s); err != nil || s.ID == "" {
+		t.Fatalf("snapshot show: %v", err)
+	}
+	return filepath.Join(e.vol, "snapshots", s.ID)
+}
+
+// TestMissingSnapshotDir: a snapshot's directory removed, unmounted (the
+// next command rewrites it, and check says so) and mounted (check reports
+// it, --repair rewrites it).
+func TestMissingSnapshotDir(t *testing.T) {
+	e := seedVolume(t)
+	dir := snapshotDir(t, e, "s1")
+	want, err := os.ReadFile(filepath.Join(dir, "snapshot.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.RemoveAll(dir)
+	out := e.run("check", e.vol)
+	if !strings.Contains(out, "was missing: rewritten from the catalogue") || !strings.Contains(out, "all repaired") {
+		t.Errorf("check after the directory went missing: %s", out)
+	}
+	if got, _ := os.ReadFile(filepath.Join(dir, "snapshot.json")); !bytes.Equal(got, want) {
+		t.Errorf("snapshot.json not rewritten as it was")
+	}
+	pid := e.mount()
+	os.RemoveAll(dir)
+	msg := e.failWith(args("check", e.vol), "--repair")
+	if out, _ := e.cmd("check", e.vol).Output(); !strings.Contains(string(out), "(mounted)") || !strings.Contains(string(out), "snapshot.json is missing") {
+		t.Errorf("check of a mounted volume: %s%s", out, msg)
+	}
+	if out := e.run("check", e.vol, "--repair"); !strings.Contains(out, "all repaired") {
+		t.Errorf("check --repair: %s", out)
+	}
+	if got, _ := os.ReadFile(filepath.Join(dir, "snapshot.json")); !bytes.Equal(got, want) {
+		t.Errorf("snapshot.json not rewritten as it was")
+	}
+	// The snapshot is usable throughout.
+	if b, err := os.ReadFile(filepath.Join(e.mnt, ".snapshots", "d", "s1")); err != nil || !bytes.Equal(b[1<<20:1<<20+len(pattern)], pattern) {
+		t.Errorf("snapshot view: %v", err)
+	}
+	e.run("umount", e.mnt)
+	waitGone(pid, 10*time.Second)
+	e.verifyData()
+}
+
+func TestMalformedConfig(t *testing.T) {
+	e := seedVolume(t)
+	cfg := filepath.Join(e.dir, "config.toml")
+	for _, body := range []string{
+		"region = \n",
+		"[[[ not toml",
+		"region = 42\n",
+		"passphrase_file = [1, 2]\n",
+		"\x00\x01\x02",
+		"unknown_key = \"x\"\n",
+	} {
+		os.WriteFile(cfg, []byte(body), 0o600)
+		for _, a := range [][]string{
+			{"disk", "list", e.vol, "--config", cfg},
+			{"mount", e.vol, e.mnt, "--config", cfg},
+			{"--config", cfg, "key", "list"},
+		} {
+			msg := e.failWith(a, "config")
+			if !strings.Contains(msg, cfg) && !strings.Contains(msg, "config.toml") {
+				t.Errorf("config %q: %q does not name the file", body, msg)
+			}
+			e.notMounted()
+		}
+	}
+	e.failWith(args("disk", "list", e.vol, "--config", filepath.Join(e.dir, "nonexistent.toml")), "nonexistent.toml")
+	e.verifyData()
+}
+
+// TestInvalidSizesAndNames, unmounted and through the daemon: refused with
+// a clear error, exit status 1 or 2, and the catalogue unchanged.
+func TestInvalidSizesAndNames(t *testing.T) {
+	e := seedVolume(t)
+	before := e.run("disk", "list", e.vol, "--json")
+	beforeSnaps := e.run("snapshot", "list", e.vol, "--json")
+	try := func(mounted bool) {
+		for _, size := range []string{"abc", "0", "-1GiB", "1000", "4097", "1.5", "1PiB", "257TiB", "99999999999999999999999TiB", "", "12 GiB extra"} {
+			e.failWith(args("disk", "create", e.vol, "x", "--size", size), "size")
+			e.failWith(args("disk", "resize", e.vol, "p", "--size", size), "size")
+		}
+		e.failWith(args("disk", "resize", e.vol, "p", "--size", "4MiB"), "grow") // shrink
+		for _, name := range []string{"a/b", "../x", "..", ".", "", "x y", "-x", "_x", strings.Repeat("n", 64), "naïve", "a\nb", "/abs"} {
+			e.failWith(args("disk", "create", e.vol, name, "--size", "1GiB"))
+			e.failWith(args("snapshot", "create", e.vol, "d", name))
+		}
+		for _, name := range []string{"nonexistent", "../d", "d/", ""} {
+			e.failWith(args("disk", "show", e.vol, name))
+			e.failWith(args("disk", "delete", e.vol, name))
+			e.failWith(args("snapshot", "delete", e.vol, name))
+		}
+		e.failWith(args("disk", "create", e.vol, "d", "--size", "1GiB"), "already exists")
+		e.failWith(args("snapshot", "create", e.vol, "d", "s1"), "already exists")
+		e.failWith(args("disk", "create", e.vol, "y", "--size", "1GiB", "--category", "floppy"), "category")
+		e.failWith(args("disk", "create", e.vol, "y", "--size", "1GiB", "--category", "local", "--encrypted"), "local")
+		e.failWith(args("disk", "create", e.vol, "y", "--size", "1GiB", "--snapshot", "nosuch"), "snapshot")
+		e.failWith(args("disk", "create", e.vol, "y", "--size", "1MiB", "--snapshot", "s1"), "size")
+		if got := e.run("disk", "list", e.vol, "--json"); got != before {
+			t.Errorf("mounted=%v: the disk list changed:\n%s\nwant\n%s", mounted, got, before)
+		}
+		if got := e.run("snapshot", "list", e.vol, "--json"); got != beforeSnaps {
+			t.Errorf("mounted=%v: the snapshot list changed", mounted)
+		}
+	}
+	try(false)
+	pid := e.mount()
+	try(true)
+	if ents, _ := os.ReadDir(e.mnt); len(ents) != 3 { // d, p, .snapshots
+		t.Errorf("mount shows %d entries", len(ents))
+	}
+	e.run("umount", e.mnt)
+	waitGone(pid, 10*time.Second)
+	e.verifyData()
+}
