@@ -213,6 +213,9 @@ func readPassphraseFile(path string) ([]byte, error) {
 		return nil, withHint(fmt.Errorf("passphrase file: %w", err), "%s and --passphrase-file name a file holding the passphrase", envPassphraseFile)
 	}
 	defer f.Close()
+	if fi, err := f.Stat(); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		fmt.Fprintf(os.Stderr, "encdisk: warning: passphrase file %s is readable by others (mode %04o); chmod 600 it\n", path, fi.Mode().Perm())
+	}
 	buf := make([]byte, 4097)
 	n, _ := f.Read(buf)
 	for n < len(buf) {

@@ -88,12 +88,12 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			umountCommand(),
 			diskCommand(),
 			snapshotCommand(),
+			imageCommand(),
 			keyCommand(),
 			keystoreCommand(),
-			billingCommand(),
 			configCommand(),
+			billingCommand(),
 			checkCommand(),
-			imageCommand(),
 		},
 		OnUsageError: func(c *cli.Context, err error, isSubcommand bool) error {
 			return usageErrorf("%v", err)
