@@ -170,6 +170,15 @@ func decodeArgs(op string, args json.RawMessage, dst any) error {
 // callTimeout bounds one management call to a daemon.
 const callTimeout = 10 * time.Minute
 
+// opTimeout is callTimeout, or a day for the image operations that move a
+// whole image's data (Ctrl-C still ends the wait).
+func opTimeout(op string) time.Duration {
+	if op == opImageCopy || op == opImageExport {
+		return 24 * time.Hour
+	}
+	return callTimeout
+}
+
 // volumeCall runs op on the volume in dir: through its mount daemon when it
 // is mounted, else directly. The result is decoded into result in both cases
 // (the direct path also goes through JSON, so the output cannot differ).
@@ -180,7 +189,7 @@ func volumeCall(c *cli.Context, dir, op string, args, result any) error {
 	}
 	sock := socketAddr(volume.SocketPath(abs))
 	for attempt := 0; ; attempt++ {
-		err := control.Call(sock, op, args, result, callTimeout)
+		err := control.Call(sock, op, args, result, opTimeout(op))
 		if !errors.Is(err, control.ErrNoDaemon) {
 			return volError(err, dir)
 		}
