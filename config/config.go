@@ -9,7 +9,9 @@
 // # What it holds
 //
 // Defaults for the command line, never secrets themselves: the region, where
-// the keystore is, and the path of a passphrase or root key file. Every key is
+// the keystore is, and the path of a passphrase or root key file; and the
+// [billing] table, the prices of KMS API calls and customer keys and an
+// optional balance (see the volume package's billing). Every key is
 // documented in config.example.toml at the root of the repository. Unknown
 // keys are an error (a typo should not silently change nothing).
 package config
