@@ -7,7 +7,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -490,5 +493,204 @@ func TestInvalidSizesAndNames(t *testing.T) {
 	}
 	e.run("umount", e.mnt)
 	waitGone(pid, 10*time.Second)
+	e.verifyData()
+}
+
+// daemonsOf lists the encdisk daemons serving vol.
+func daemonsOf(vol string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, ent := range ents {
+		pid, err := strconv.Atoi(ent.Name())
+		if err != nil {
+			continue
+		}
+		b, _ := os.ReadFile("/proc/" + ent.Name() + "/cmdline")
+		args := strings.Split(string(b), "\x00")
+		if len(args) > 2 && args[1] == "mount" && strings.Contains(string(b), "--daemon-child") && slices.Contains(args, vol) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+func TestTwoDaemons(t *testing.T) {
+	e := seedVolume(t)
+	mnt2 := filepath.Join(e.dir, "disks2")
+	pid := e.mount()
+	e.failWith(args("mount", e.vol, mnt2), "already mounted", "umount")
+	other := filepath.Join(e.dir, "vol2")
+	e.run("init", other, "--keystore", e.kms)
+	e.failWith(args("mount", other, e.mnt), "already a mount point")
+	if d := daemonsOf(e.vol); len(d) != 1 || d[0] != pid {
+		t.Errorf("daemons of the volume: %v, want [%d]", d, pid)
+	}
+	e.run("umount", e.mnt)
+	waitGone(pid, 10*time.Second)
+
+	// Two mounts started at once: one wins, the other says why.
+	for round := 0; round < 3; round++ {
+		var wg sync.WaitGroup
+		type result struct {
+			mp     string
+			out    string
+			stderr string
+			err    error
+		}
+		res := make([]result, 2)
+		for i, mp := range []string{e.mnt, mnt2} {
+			wg.Add(1)
+			go func(i int, mp string) {
+				defer wg.Done()
+				c := e.cmd("mount", e.vol, mp)
+				var stdout, stderr bytes.Buffer
+				c.Stdout, c.Stderr = &stdout, &stderr
+				err := c.Run()
+				res[i] = result{mp, stdout.String(), stderr.String(), err}
+			}(i, mp)
+		}
+		wg.Wait()
+		won := 0
+		for _, r := range res {
+			if r.err == nil {
+				won++
+				e.run("umount", r.mp)
+				continue
+			}
+			checkClean(t, args("mount"), r.stderr)
+			low := strings.ToLower(r.stderr)
+			if !strings.Contains(low, "already mounted") && !strings.Contains(low, "in use by another encdisk process") {
+				t.Errorf("round %d: the losing mount said %q", round, r.stderr)
+			}
+		}
+		if won != 1 {
+			t.Fatalf("round %d: %d of two concurrent mounts succeeded: %+v", round, won, res)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for len(daemonsOf(e.vol)) > 0 && time.Now().Before(deadline) {
+			time.Sleep(50 * time.Millisecond)
+		}
+		if d := daemonsOf(e.vol); len(d) > 0 {
+			t.Fatalf("round %d: daemons left: %v", round, d)
+		}
+		for _, mp := range []string{e.mnt, mnt2} {
+			if b, _ := os.ReadFile("/proc/self/mountinfo"); bytes.Contains(b, []byte(" "+mp+" ")) {
+				t.Errorf("round %d: %s left mounted", round, mp)
+				syscall.Unmount(mp, syscall.MNT_DETACH)
+			}
+		}
+	}
+	e.verifyData()
+}
+
+// TestCLIRacingDaemon fires management commands while the daemon starts
+// and stops: each succeeds or fails with a clean error (never a crash,
+// never a hang), and everything that reported success is there at the end.
+func TestCLIRacingDaemon(t *testing.T) {
+	e := seedVolume(t)
+	stop := make(chan struct{})
+	var mu sync.Mutex
+	made := map[string]bool{}
+	var fails []string
+	var wg sync.WaitGroup
+	worker := func(w int) {
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			var a []string
+			snap := ""
+			switch i % 4 {
+			case 0:
+				a = args("disk", "list", e.vol, "--json")
+			case 1:
+				snap = "r" + strconv.Itoa(w) + "-" + strconv.Itoa(i)
+				a = args("snapshot", "create", e.vol, "d", snap)
+			case 2:
+				a = args("check", e.vol)
+			case 3:
+				a = args("disk", "show", e.vol, "p")
+			}
+			c := e.cmd(a...)
+			var stderr bytes.Buffer
+			c.Stderr = &stderr
+			done := make(chan error, 1)
+			go func() { done <- c.Run() }()
+			var err error
+			select {
+			case err = <-done:
+			case <-time.After(2 * time.Minute):
+				c.Process.Kill()
+				mu.Lock()
+				fails = append(fails, strings.Join(a, " ")+": hung")
+				mu.Unlock()
+				return
+			}
+			checkClean(t, a, stderr.String())
+			mu.Lock()
+			if err == nil && snap != "" {
+				made[snap] = true
+			}
+			if err != nil {
+				fails = append(fails, strings.Join(a[:2], " ")+": "+strings.TrimSpace(stderr.String()))
+			}
+			mu.Unlock()
+		}
+	}
+	for w := 0; w < 3; w++ {
+		wg.Add(1)
+		go worker(w)
+	}
+	for cycle := 0; cycle < 4; cycle++ {
+		pid := e.mount()
+		time.Sleep(300 * time.Millisecond)
+		// umount can meet a command in flight; it must then succeed on retry.
+		var err error
+		for try := 0; try < 20; try++ {
+			c := e.cmd("umount", e.mnt)
+			var stderr bytes.Buffer
+			c.Stderr = &stderr
+			if err = c.Run(); err == nil {
+				break
+			}
+			checkClean(t, args("umount"), stderr.String())
+			time.Sleep(100 * time.Millisecond)
+		}
+		if err != nil {
+			t.Fatalf("cycle %d: umount kept failing: %v", cycle, err)
+		}
+		waitGone(pid, 10*time.Second)
+		time.Sleep(200 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("%d commands failed (cleanly) while the daemon came and went; snapshots made: %d", len(fails), len(made))
+	for _, f := range fails {
+		// A failure must say something a user can act on.
+		if !strings.Contains(f, "encdisk: error: ") {
+			t.Errorf("unclear failure: %s", f)
+		}
+	}
+	var snaps []struct {
+		Name string `json:"name"`
+	}
+	if err := json.Unmarshal([]byte(e.run("snapshot", "list", e.vol, "--json")), &snaps); err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, s := range snaps {
+		have[s.Name] = true
+	}
+	for s := range made {
+		if !have[s] {
+			t.Errorf("snapshot %s was reported created but is gone", s)
+		}
+	}
+	if out := e.run("check", e.vol); !strings.Contains(out, "consistent") {
+		t.Errorf("check: %s", out)
+	}
 	e.verifyData()
 }
