@@ -1,10 +1,12 @@
 package fs
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -107,9 +109,13 @@ type workload struct {
 	write  bool
 	random bool
 	direct bool
+	fio    string // if set, fio runs the workload with these arguments
 }
 
 func (w workload) run(t *testing.T, path string, size int64, dur time.Duration) float64 {
+	if w.fio != "" {
+		return runFio(t, w.fio, path, size, dur)
+	}
 	flags := os.O_RDONLY
 	if w.write {
 		flags = os.O_WRONLY
@@ -176,6 +182,37 @@ func (w workload) run(t *testing.T, path string, size int64, dur time.Duration) 
 	return float64(total.Load()) / time.Since(start).Seconds() / 1e6
 }
 
+// runFio runs fio on path and returns MB/s read plus written.
+func runFio(t *testing.T, args, path string, size int64, dur time.Duration) float64 {
+	cmd := exec.Command("fio", append(strings.Fields(args), "--name=bench", "--filename="+path,
+		"--size="+strconv.FormatInt(size, 10), "--time_based", fmt.Sprintf("--runtime=%dms", dur.Milliseconds()),
+		"--group_reporting", "--output-format=json")...)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("fio %s: %v\n%s", args, err, out)
+	}
+	var res struct {
+		Jobs []struct {
+			Read, Write struct {
+				BwBytes float64 `json:"bw_bytes"`
+			}
+		}
+	}
+	if err := json.Unmarshal(out, &res); err != nil || len(res.Jobs) == 0 {
+		t.Fatalf("fio output: %v\n%s", err, out)
+	}
+	return (res.Jobs[0].Read.BwBytes + res.Jobs[0].Write.BwBytes) / 1e6
+}
+
+// fioWorkloads are asynchronous (libaio, O_DIRECT) with several requests
+// in flight, as a virtual machine's disk sees; they run if fio is installed.
+var fioWorkloads = []workload{
+	{name: "fio-write-1M-qd4", fio: "--rw=write --bs=1M --ioengine=libaio --iodepth=4 --direct=1"},
+	{name: "fio-read-1M-qd4", fio: "--rw=read --bs=1M --ioengine=libaio --iodepth=4 --direct=1"},
+	{name: "fio-randwrite-4k-qd16", fio: "--rw=randwrite --bs=4k --ioengine=libaio --iodepth=16 --direct=1"},
+	{name: "fio-randread-4k-qd16", fio: "--rw=randread --bs=4k --ioengine=libaio --iodepth=16 --direct=1"},
+}
+
 var benchWorkloads = []workload{
 	{name: "seq-write-1M", bs: 1 << 20, jobs: 1, write: true},
 	{name: "seq-read-1M", bs: 1 << 20, jobs: 1},
@@ -190,7 +227,9 @@ var benchWorkloads = []workload{
 // loop device (O_DIRECT on the loop device, as a file system on it does
 // for most I/O). It runs only with ENCDISK_FS_BENCH=1; set
 // ENCDISK_FS_BENCH_CONFIGS to a comma list of configurations (see configs
-// below) and ENCDISK_FS_BENCH_SECONDS for the time per workload.
+// below), ENCDISK_FS_BENCH_SECONDS for the time per workload,
+// ENCDISK_FS_BENCH_REPS for the runs per figure and
+// ENCDISK_FS_BENCH_LOOPDIO=1 to set the loop devices up with direct-io.
 func TestMountThroughput(t *testing.T) {
 	if os.Getenv("ENCDISK_FS_BENCH") != "1" {
 		t.Skip("set ENCDISK_FS_BENCH=1 to measure")
@@ -213,7 +252,7 @@ func TestMountThroughput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	t.Cleanup(func() { f.Close() }) // after the unmounts, registered later
 	// Fill so that reads are of real data.
 	buf := make([]byte, 1<<20)
 	for i := range buf {
@@ -229,7 +268,8 @@ func TestMountThroughput(t *testing.T) {
 		"directio":       func(o *Options) {},
 		"directio-128k":  func(o *Options) { o.MaxWrite = 128 << 10 },
 		"directio-bg12":  func(o *Options) { o.MaxBackground = 12 },
-		"directio-adio":  func(o *Options) { o.AsyncDIO = true },
+		"directio-sync":  func(o *Options) { o.SyncDIO = true },
+		"directio-bg256": func(o *Options) { o.MaxBackground = 256 },
 		"pagecache":      func(o *Options) { o.PageCache = true },
 		"pagecache-attr": func(o *Options) { o.PageCache = true; o.AttrTimeout = time.Second },
 	}
@@ -269,12 +309,20 @@ func TestMountThroughput(t *testing.T) {
 		targets = append(targets, target{cfg, p, l.dev})
 	}
 
+	loads := benchWorkloads
+	if _, err := exec.LookPath("fio"); err == nil {
+		loads = append(slices.Clone(loads), fioWorkloads...)
+	}
+	if only := os.Getenv("ENCDISK_FS_BENCH_ONLY"); only != "" {
+		loads = slices.DeleteFunc(loads, func(w workload) bool { return !strings.Contains(w.name, only) })
+	}
+
 	// Runs are interleaved (each repetition goes over every target) and
 	// the median is kept, so that drift in the machine hits all alike.
 	type key struct{ on, load, cfg string }
 	runs := map[key][]float64{}
 	for _, on := range []string{"file", "loop"} {
-		for _, w := range benchWorkloads {
+		for _, w := range loads {
 			w.direct = on == "loop"
 			for range reps {
 				for _, tg := range targets {
@@ -301,7 +349,7 @@ func TestMountThroughput(t *testing.T) {
 	}
 	sb.WriteString("\n")
 	for _, on := range []string{"file", "loop"} {
-		for _, w := range benchWorkloads {
+		for _, w := range loads {
 			raw := median(runs[key{on, w.name, "raw"}])
 			fmt.Fprintf(&sb, "%-5s %-17s %9.0f", on, w.name, raw)
 			for _, cfg := range names {
@@ -320,7 +368,11 @@ type loopDev struct {
 }
 
 func losetupDetach(t *testing.T, file string) loopDev {
-	dev := run(t, "losetup", "-f", "--show", file)
+	args := []string{"-f", "--show", file}
+	if os.Getenv("ENCDISK_FS_BENCH_LOOPDIO") == "1" {
+		args = append(args, "--direct-io=on")
+	}
+	dev := run(t, "losetup", args...)
 	done := false
 	detach := func() {
 		if !done {

@@ -40,11 +40,14 @@ func run(t *testing.T, name string, args ...string) string {
 
 // losetup attaches file to a free loop device and detaches it in Cleanup
 // (before the mount's own Cleanup, which runs later).
-func losetup(t *testing.T, file string, readOnly bool) string {
+func losetup(t *testing.T, file string, readOnly, directIO bool) string {
 	t.Helper()
 	args := []string{"-f", "--show"}
 	if readOnly {
 		args = append(args, "-r")
+	}
+	if directIO {
+		args = append(args, "--direct-io=on")
 	}
 	dev := run(t, "losetup", append(args, file)...)
 	t.Cleanup(func() { run(t, "losetup", "-d", dev) })
@@ -63,11 +66,29 @@ func mountDev(t *testing.T, dev string, opts string) string {
 // device, an ext4 file system on it, files written, the file system
 // mounted again and read back, then a snapshot attached read-only.
 func TestExt4OnLoop(t *testing.T) {
-	cacheModes(t, func(t *testing.T, m *tmount) {
+	for _, v := range []struct {
+		name              string
+		pageCache, loopIO bool
+	}{
+		{"directio", false, false},
+		{"directio-loopdio", false, true},
+		{"pagecache", true, false},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			testExt4OnLoop(t, testMount(t, func(o *Options) { o.PageCache = v.pageCache }), v.loopIO)
+		})
+	}
+}
+
+func testExt4OnLoop(t *testing.T, m *tmount, loopDirectIO bool) {
+	{
 		requireTools(t, "losetup", "mkfs.ext4", "e2fsck", "mount", "umount")
 		m.b.add("data1", 256<<20)
 		disk := m.path("data1")
-		dev := losetup(t, disk, false)
+		dev := losetup(t, disk, false, loopDirectIO)
+		if dio := run(t, "losetup", "-n", "-O", "DIO", dev); loopDirectIO && dio != "1" {
+			t.Fatalf("loop device without direct I/O (DIO %q)", dio)
+		}
 		run(t, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev)
 
 		files := map[string][]byte{}
@@ -118,12 +139,12 @@ func TestExt4OnLoop(t *testing.T) {
 
 		// A snapshot through losetup -r.
 		m.b.snapshot("data1", "s1")
-		sdev := losetup(t, m.path(".snapshots", "data1", "s1"), true)
+		sdev := losetup(t, m.path(".snapshots", "data1", "s1"), true, loopDirectIO)
 		sdir := mountDev(t, sdev, "ro,noload")
 		got, err := os.ReadFile(filepath.Join(sdir, "dir", "f"))
 		if err != nil || !bytes.Equal(got, files[filepath.Join("dir", "f")]) {
 			t.Errorf("read from the snapshot: %v (equal=%v)", err, bytes.Equal(got, files[filepath.Join("dir", "f")]))
 		}
 		run(t, "umount", sdir)
-	})
+	}
 }

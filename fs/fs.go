@@ -107,10 +107,11 @@ type Options struct {
 	// instead of opening disk files with FOPEN_DIRECT_IO. See the package
 	// documentation for the measurements behind the default.
 	PageCache bool
-	// AsyncDIO lets the kernel send several direct I/O requests of one
-	// submitter at once (FUSE_ASYNC_DIO), as a loop device with direct-io
-	// or io_uring do.
-	AsyncDIO bool
+	// SyncDIO turns FUSE_ASYNC_DIO off. By default the kernel sends the
+	// requests of asynchronous direct I/O (libaio, io_uring, a loop device
+	// with direct-io) without waiting for each to finish, so that a
+	// virtual machine's queue depth reaches the disk.
+	SyncDIO bool
 	// AttrTimeout is how long the kernel may cache a file's attributes
 	// (size, st_blocks). Zero means attributes are asked for every time.
 	AttrTimeout time.Duration
@@ -176,7 +177,7 @@ func Mount(mountpoint string, b Backend, o Options) (*Server, error) {
 		// without it mmap(MAP_SHARED) fails with ENODEV.
 		mopts.ExtraCapabilities |= fuse.CAP_DIRECT_IO_ALLOW_MMAP
 	}
-	if o.AsyncDIO {
+	if !o.SyncDIO {
 		mopts.ExtraCapabilities |= fuse.CAP_ASYNC_DIO
 	}
 	fsopts := &gofs.Options{
