@@ -258,7 +258,8 @@ func (v *Volume) DeleteSnapshot(name string) (*SnapshotInfo, error) {
 		return nil, err
 	}
 	if s.view != nil {
-		if err := s.view.busy("delete snapshot"); err != nil {
+		view := s.view
+		if err := v.busy(view, "delete snapshot", func() bool { return v.snaps[name] == s && s.view == view }); err != nil {
 			return nil, err
 		}
 	}
@@ -302,7 +303,7 @@ func (v *Volume) ResetDisk(diskName, snapName string) (*DiskInfo, error) {
 	if s.rec.DiskID != d.rec.ID {
 		return nil, fmt.Errorf("volume: reset disk %s: %w: snapshot %s is of disk %s, not of %s", diskName, ErrRule, snapName, s.rec.DiskName, diskName)
 	}
-	if err := d.busy("reset"); err != nil {
+	if err := v.busy(d, "reset", func() bool { return v.disks[diskName] == d && v.snaps[snapName] == s }); err != nil {
 		return nil, err
 	}
 	pb, err := v.chargeDisk("ResetDisk", d)
@@ -329,7 +330,7 @@ func (v *Volume) ReInitDisk(diskName string) (*DiskInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := d.busy("re-initialize"); err != nil {
+	if err := v.busy(d, "re-initialize", v.isDisk(diskName, d)); err != nil {
 		return nil, err
 	}
 	pb, err := v.chargeDisk("ReInitDisk", d)

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -748,7 +749,20 @@ func (v *Volume) AttachDisk(name string) (*DiskInfo, error) {
 	return &di, nil
 }
 
-func (d *disk) busy(op string) error {
+// busy refuses op while d is open, naming who has it. The kernel sends a
+// FUSE release only after the last close returns, so a command run right
+// after a program closed the disk can find it still open: busy waits up to
+// two seconds for opens to go, releasing v.mu meanwhile. v.mu held; still
+// reports whether d is still what the caller looked up once v.mu is back.
+func (v *Volume) busy(d *disk, op string, still func() bool) error {
+	for deadline := time.Now().Add(2 * time.Second); len(d.opens) > 0 && time.Now().Before(deadline); {
+		v.mu.Unlock()
+		time.Sleep(20 * time.Millisecond)
+		v.mu.Lock()
+		if v.closed || !still() {
+			return fmt.Errorf("volume: %s %s: it changed while waiting for it to be closed; retry", op, d.rec.Name)
+		}
+	}
 	if len(d.opens) == 0 {
 		return nil
 	}
@@ -757,7 +771,12 @@ func (d *disk) busy(op string) error {
 		who = append(who, w)
 	}
 	sort.Strings(who)
-	return fmt.Errorf("volume: %s disk %s: %w: open by %v (close it first: umount, losetup -d)", op, d.rec.Name, ErrInUse, who)
+	return fmt.Errorf("volume: %s disk %s: %w: open by %s (close it first: umount, losetup -d)", op, d.rec.Name, ErrInUse, strings.Join(who, ", "))
+}
+
+// isDisk reports whether d is still the disk called name.
+func (v *Volume) isDisk(name string, d *disk) func() bool {
+	return func() bool { return v.disks[name] == d }
 }
 
 // DetachDisk detaches a disk; its data key is wiped from memory. Refused
@@ -772,7 +791,7 @@ func (v *Volume) DetachDisk(name string) (*DiskInfo, error) {
 	if d.rec.Status != StatusInUse {
 		return nil, fmt.Errorf("volume: detach disk %s: %w", name, ErrNotAttached)
 	}
-	if err := d.busy("detach"); err != nil {
+	if err := v.busy(d, "detach", v.isDisk(name, d)); err != nil {
 		return nil, err
 	}
 	pb, err := v.chargeDisk("DetachDisk", d)
@@ -823,7 +842,7 @@ func (v *Volume) DeleteDisk(name string) (*DiskInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := d.busy("delete"); err != nil {
+	if err := v.busy(d, "delete", v.isDisk(name, d)); err != nil {
 		return nil, err
 	}
 	if d.rec.Status == StatusInUse {
