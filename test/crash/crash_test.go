@@ -45,14 +45,25 @@ import (
 // ENCDISK_CRASH_CYCLES sets the number of kills (default 24).
 func TestCrash(t *testing.T) {
 	e := newEnv(t, "mkfs.ext4", "e2fsck")
-	cycles := 24
-	if s := os.Getenv("ENCDISK_CRASH_CYCLES"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 {
-			t.Fatalf("ENCDISK_CRASH_CYCLES=%q", s)
-		}
-		cycles = n
+	crashCycles(t, e, cycleCount(t, 24), nil)
+}
+
+// cycleCount is ENCDISK_CRASH_CYCLES, or def.
+func cycleCount(t *testing.T, def int) int {
+	s := os.Getenv("ENCDISK_CRASH_CYCLES")
+	if s == "" {
+		return def
 	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 {
+		t.Fatalf("ENCDISK_CRASH_CYCLES=%q", s)
+	}
+	return n
+}
+
+// crashCycles runs the cycles of TestCrash on e; with pc, each kill is
+// a power cut of the file system holding the volume first.
+func crashCycles(t *testing.T, e *env, cycles int, pc *powerCut) {
 	e.run("init", e.vol, "--keystore", e.kms)
 	e.run("disk", "create", e.vol, "d1", "--size", "256MiB", "--encrypted")
 	e.run("disk", "create", e.vol, "d2", "--size", "16MiB", "--encrypted")
@@ -81,6 +92,9 @@ func TestCrash(t *testing.T) {
 		kill := func() {
 			once.Do(func() {
 				killed.Store(true)
+				if pc != nil {
+					pc.cut()
+				}
 				e.crash()
 				close(stop)
 			})
@@ -107,6 +121,10 @@ func TestCrash(t *testing.T) {
 		if mounted(e.mnt) {
 			sh(t, "umount", "-l", e.mnt)
 		}
+		if pc != nil {
+			pc.down()
+			pc.up() // replays the host file system's journal
+		}
 
 		// Recover and check.
 		e.mount()
@@ -126,14 +144,21 @@ func TestCrash(t *testing.T) {
 		if !strings.HasPrefix(outcome, "had") {
 			cutShort++
 		}
-		t.Logf("crash %d: killed during %s (%s); recovered: ext4 clean, %d blocks and %d fsynced files checked, %d snapshots checked",
-			survived, what, outcome, w.blocks, len(w.files), len(m.snaps))
+		t.Logf("crash %d: %s during %s (%s); recovered: ext4 clean, %d blocks and %d fsynced files checked, %d snapshots checked",
+			survived, killWord(pc), what, outcome, w.blocks, len(w.files), len(m.snaps))
 	}
 	undoMount()
 	undoLoop()
 	e.umount()
-	t.Logf("crashes survived: %d of %d (kills aimed at d2 write %d, snapshot create %d, disk reset %d, snapshot delete %d; %d of them cut the operation short; ext4 writer busy in all: %d block writes, %d fsyncs; %d commands retried after a refusal as in use)",
-		survived, cycles, stats[0], stats[1], stats[2], stats[3], cutShort, w.writes, w.fsyncs, m.inUse)
+	t.Logf("crashes survived: %d of %d, each %s (aimed at d2 write %d, snapshot create %d, disk reset %d, snapshot delete %d; %d of them cut the operation short; ext4 writer busy in all: %d block writes, %d fsyncs; %d commands retried after a refusal as in use)",
+		survived, cycles, killWord(pc), stats[0], stats[1], stats[2], stats[3], cutShort, w.writes, w.fsyncs, m.inUse)
+}
+
+func killWord(pc *powerCut) string {
+	if pc != nil {
+		return "power cut (host file system shut down without flushing) and SIGKILL"
+	}
+	return "SIGKILL"
 }
 
 func runE2fsck(dev string) (string, error) {
