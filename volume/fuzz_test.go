@@ -79,10 +79,14 @@ func fuzzVolume(tb testing.TB) string {
 	return fuzzVolDir
 }
 
-// copyVolume copies the template to a new directory.
-func copyVolume(t *testing.T) string {
+// copyVolume copies the template to a new directory under base (a new
+// temporary one if "").
+func copyVolume(t testing.TB, base string) string {
 	src := fuzzVolume(t)
-	dst := filepath.Join(t.TempDir(), "vol")
+	if base == "" {
+		base = t.TempDir()
+	}
+	dst := filepath.Join(base, "vol")
 	err := filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -154,18 +158,26 @@ func FuzzReadInfo(f *testing.F) {
 	f.Add([]byte(`null`))
 	f.Add([]byte(`[]`))
 	f.Add([]byte{})
+	// ReadInfo on one directory per process (cheap); the whole volume is
+	// opened and used only for headers ReadInfo accepts.
+	hdrDir := f.TempDir()
 	f.Fuzz(func(t *testing.T, b []byte) {
-		dir := copyVolume(t)
-		if err := os.WriteFile(filepath.Join(dir, headerFile), b, 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(hdrDir, headerFile), b, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		info, err := ReadInfo(dir)
+		info, err := ReadInfo(hdrDir)
 		if err != nil {
 			if !isNotVolume(err) {
 				t.Fatalf("ReadInfo error %v is neither ErrNotVolume nor ErrNewerFormat", err)
 			}
-		} else if info.Format != FormatVersion || info.ID == "" || info.Region == "" {
+			return
+		}
+		if info.Format != FormatVersion || info.ID == "" || info.Region == "" {
 			t.Fatalf("ReadInfo accepted %+v", info)
+		}
+		dir := copyVolume(t, "")
+		if err := os.WriteFile(filepath.Join(dir, headerFile), b, 0o600); err != nil {
+			t.Fatal(err)
 		}
 		exercise(t, dir)
 	})
@@ -210,9 +222,12 @@ func FuzzCatalogue(f *testing.F) {
 	f.Add([]byte(`{`), snap)
 	f.Add(disk, []byte(`{"id":"`+fuzzSnapID+`","name":"s1","tree":1}`))
 	f.Add(disk, []byte(`null`))
+	// One copy of the template per process: each input replaces the two
+	// records (whatever an earlier input's exercise wrote stays, which
+	// only varies the state further).
+	vdir := copyVolume(f, f.TempDir())
 	f.Fuzz(func(t *testing.T, diskRec, snapRec []byte) {
-		dir := copyVolume(t)
-		db, err := bolt.Open(filepath.Join(dir, metaFile), 0o600, &bolt.Options{NoSync: true})
+		db, err := bolt.Open(filepath.Join(vdir, metaFile), 0o600, &bolt.Options{NoSync: true})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -226,6 +241,6 @@ func FuzzCatalogue(f *testing.F) {
 		if err != nil {
 			return
 		}
-		exercise(t, dir)
+		exercise(t, vdir)
 	})
 }
