@@ -371,6 +371,7 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	logger := log.New(os.Stderr, "", log.LstdFlags)
 	lockMemory(logger)
 	logger.Printf("mount %s at %s (pid %d)", a.absVol, a.absMP, os.Getpid())
+	defer startCPUProfile(logger)()
 
 	var ks *keystore.Keystore
 	if sec.Keystore != "" {
