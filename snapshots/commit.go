@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"sync"
 
 	bolt "go.etcd.io/bbolt"
 	"golang.org/x/sys/unix"
@@ -190,6 +191,53 @@ func (c *changes) write(tx *bolt.Tx) error {
 	return nil
 }
 
+// Sync makes every write that returned before Sync was called durable: a
+// group commit. Concurrent callers share commits: a caller that arrives
+// while a commit is running waits for the next one, which starts after it
+// arrived and so covers its writes, and everyone who arrived meanwhile
+// waits for that same commit. A file system on a disk issues many flushes
+// at once (journal commits of several threads); each would otherwise pay
+// a full commit of its own.
+func (s *Store) Sync() error {
+	g := &s.group
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.cond == nil {
+		g.cond = sync.NewCond(&g.mu)
+	}
+	// Any commit that starts from now on covers this caller.
+	want := g.started + 1
+	for g.done < want {
+		if g.running {
+			g.cond.Wait()
+			continue
+		}
+		g.running = true
+		g.started++
+		gen := g.started
+		g.mu.Unlock()
+		err := s.Commit(nil)
+		g.mu.Lock()
+		g.running = false
+		g.done, g.err = gen, err
+		g.cond.Broadcast()
+	}
+	// g.err is the outcome of the latest commit, which started after this
+	// caller arrived: if it succeeded, so did this caller's writes (a
+	// failed commit leaves its changes for the next one).
+	return g.err
+}
+
+// groupCommit is the state of Sync's group commit.
+type groupCommit struct {
+	mu      sync.Mutex
+	cond    *sync.Cond
+	running bool
+	started uint64 // commits started by Sync
+	done    uint64 // the latest of them that finished
+	err     error  // its outcome
+}
+
 // Commit makes every write published so far durable, with extra (the
 // caller's catalogue changes, may be nil) in the same transaction.
 func (s *Store) Commit(extra func(tx *bolt.Tx) error) error {
@@ -199,6 +247,13 @@ func (s *Store) Commit(extra func(tx *bolt.Tx) error) error {
 	if s.poisoned != nil {
 		s.mu.Unlock()
 		return s.poisoned
+	}
+	if extra == nil && !s.dirtyLocked() {
+		// Only overwrites in place since the last commit (or nothing): the
+		// metadata on disk is current, the data only needs to reach the
+		// disk. This saves the metadata transaction's two fsyncs.
+		s.mu.Unlock()
+		return s.syncPool()
 	}
 	c := s.captureLocked()
 	s.mu.Unlock()
@@ -216,8 +271,8 @@ func (s *Store) Commit(extra func(tx *bolt.Tx) error) error {
 
 func (s *Store) persist(c *changes, extra func(tx *bolt.Tx) error) error {
 	// Data before the metadata that points at it.
-	if err := s.pool.Sync(); err != nil {
-		return fmt.Errorf("snapshots: sync pool: %w", err)
+	if err := s.syncPool(); err != nil {
+		return err
 	}
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		if err := c.write(tx); err != nil {
@@ -236,6 +291,21 @@ func (s *Store) persist(c *changes, extra func(tx *bolt.Tx) error) error {
 	s.mu.Unlock()
 	s.keepMetaRoom()
 	return nil
+}
+
+// syncPool makes the pool file's data durable. fdatasync suffices: the
+// only metadata of the pool file that matters, its size, is one it flushes.
+func (s *Store) syncPool() error {
+	for {
+		err := unix.Fdatasync(int(s.pool.Fd()))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("snapshots: sync pool: %w", err)
+		}
+		return nil
+	}
 }
 
 // metaSlack is the least room kept allocated past the end of the metadata

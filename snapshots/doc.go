@@ -41,6 +41,12 @@
 // committed trees still find every block they point to. Writes to a block
 // that only one tree can see overwrite it in place and need no metadata.
 //
+// Sync is the commit behind a disk's fsync, and a group commit: a caller
+// waits for a commit that started after it was called, so every write that
+// returned before it is covered, and all callers that arrive while one
+// commit runs share the next. A commit with no metadata to write (only
+// overwrites in place since the last one) is just the fdatasync of the pool.
+//
 // # Pool file
 //
 // Block n lives at byte offset n*4096 of the pool file; block 0 is the pool

@@ -79,6 +79,7 @@ type Store struct {
 	pool *os.File
 
 	commitMu sync.Mutex   // one commit at a time
+	group    groupCommit  // Sync's group commit
 	gate     sync.RWMutex // held shared by data I/O, exclusively to retire freed blocks and by Apply
 	mu       sync.RWMutex // the in-memory metadata below
 
@@ -375,6 +376,13 @@ func u64(v uint64) []byte {
 func (s *Store) Dirty() bool {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
+	return s.dirtyLocked()
+}
+
+// dirtyLocked is Dirty with s.mu held. Every change of the metadata that a
+// commit writes sets one of these: allocations set dirtyFree, frees add
+// to pending, new nodes and trees set dirtyCounters.
+func (s *Store) dirtyLocked() bool {
 	return len(s.dirtyNodes) > 0 || len(s.dirtyNodeRefs) > 0 || len(s.dirtyBlockRefs) > 0 ||
 		len(s.dirtyTrees) > 0 || len(s.pending) > 0 || s.dirtyFree || s.dirtyCounters
 }

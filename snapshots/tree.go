@@ -3,6 +3,7 @@ package snapshots
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"sort"
 
 	bolt "go.etcd.io/bbolt"
@@ -417,6 +418,9 @@ func (s *Store) PrepareWrite(t TreeID, first uint64, out []uint64, fresh []bool)
 	if err := checkRange(first, len(out)); err != nil {
 		return err
 	}
+	if s.prepareInPlace(t, first, out, fresh) {
+		return nil
+	}
 	return s.mutate(func() {
 		ts, err := s.tree(t)
 		if err != nil {
@@ -458,9 +462,52 @@ func (s *Store) PrepareWrite(t TreeID, first uint64, out []uint64, fresh []bool)
 	})
 }
 
+// prepareInPlace is PrepareWrite's fast path for the common overwrite:
+// under the read lock, so that writes to one disk do not queue behind each
+// other, it succeeds when every sector already has a block that only t can
+// see and every node on the way is cached. Otherwise it reports false and
+// leaves the work (allocation, loading nodes, errors) to the slow path.
+func (s *Store) prepareInPlace(t TreeID, first uint64, out []uint64, fresh []bool) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	ts := s.trees[t]
+	if s.poisoned != nil || ts == nil {
+		return false
+	}
+	var leaf *node
+	for i := range out {
+		sector := first + uint64(i)
+		if leaf == nil || idx(sector, 0) == 0 {
+			// A new leaf: walk down from the root.
+			id := ts.root
+			for level := levels - 1; level >= 0; level-- {
+				n := s.nodes[id]
+				if id == 0 || n == nil || s.sharedNode(id) {
+					return false
+				}
+				if level == 0 {
+					leaf = n
+				} else {
+					id = n.e[idx(sector, level)]
+				}
+			}
+		}
+		b := leaf.e[idx(sector, 0)]
+		if b == 0 || s.sharedBlock(b) {
+			return false
+		}
+		out[i], fresh[i] = b, false
+	}
+	return true
+}
+
 // Publish maps the fresh blocks of a PrepareWrite into tree t, after the
-// caller wrote them.
+// caller wrote them. A PrepareWrite that found every block in place has
+// nothing to publish and takes no lock.
 func (s *Store) Publish(t TreeID, first uint64, blocks []uint64, fresh []bool) error {
+	if !slices.Contains(fresh, true) {
+		return nil
+	}
 	return s.mutate(func() {
 		ts, err := s.tree(t)
 		if err != nil {

@@ -26,15 +26,19 @@ type Disk struct {
 // maxChunk bounds the scratch memory one request uses.
 const maxChunk = 1 << 20
 
+// scratch is one request's working memory, reused through scratchPool so
+// that the data path does not allocate per request.
 type scratch struct {
-	buf    []byte
+	buf    []byte // ciphertext of a write
+	sector []byte // the sector a partial write reads, modifies and writes back
 	blocks []uint64
 	fresh  []bool
 }
 
 var scratchPool = sync.Pool{New: func() any {
 	n := maxChunk / SectorSize
-	return &scratch{buf: make([]byte, maxChunk), blocks: make([]uint64, n), fresh: make([]bool, n)}
+	return &scratch{buf: make([]byte, maxChunk), sector: make([]byte, SectorSize),
+		blocks: make([]uint64, n), fresh: make([]bool, n)}
 }}
 
 // OpenDisk opens an attached disk for I/O (the mount's data path). who
@@ -94,8 +98,10 @@ func (h *Disk) Resize(size int64) error {
 	return err
 }
 
-// Sync makes every write so far durable.
-func (h *Disk) Sync() error { return h.v.st.Commit(nil) }
+// Sync makes every write that returned before it durable. Concurrent
+// Syncs (of any disk of the volume) share one commit: see
+// [snapshots.Store.Sync].
+func (h *Disk) Sync() error { return h.v.st.Sync() }
 
 // ReadAt reads like a file: short with io.EOF at the end of the disk.
 func (h *Disk) ReadAt(p []byte, off int64) (int, error) {
@@ -238,7 +244,7 @@ func (h *Disk) modifySector(sector uint64, in int, data []byte, n int, sc *scrat
 	mu := &h.d.rmw[sector%uint64(len(h.d.rmw))]
 	mu.Lock()
 	defer mu.Unlock()
-	buf := make([]byte, SectorSize) // sc.buf is used by writeSectors below
+	buf := sc.sector // sc.buf is used by writeSectors below
 	if err := h.readSectors(buf, sector, sc); err != nil {
 		return err
 	}
