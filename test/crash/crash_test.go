@@ -150,8 +150,8 @@ func crashCycles(t *testing.T, e *env, cycles int, pc *powerCut) {
 	undoMount()
 	undoLoop()
 	e.umount()
-	t.Logf("crashes survived: %d of %d, each %s (aimed at d2 write %d, snapshot create %d, disk reset %d, snapshot delete %d; %d of them cut the operation short; ext4 writer busy in all: %d block writes, %d fsyncs; %d commands retried after a refusal as in use)",
-		survived, cycles, killWord(pc), stats[0], stats[1], stats[2], stats[3], cutShort, w.writes, w.fsyncs, m.inUse)
+	t.Logf("crashes survived: %d of %d, each %s (aimed at d2 write %d, snapshot create %d, disk reset %d, snapshot delete %d; %d of them cut the operation short; ext4 writer busy in all: %d block writes, %d fsyncs)",
+		survived, cycles, killWord(pc), stats[0], stats[1], stats[2], stats[3], cutShort, w.writes, w.fsyncs)
 }
 
 func killWord(pc *powerCut) string {
@@ -391,7 +391,6 @@ type mgmt struct {
 	next  uint64          // next tag
 	n     int             // snapshots made
 	dur   [4]time.Duration
-	inUse int // commands retried after a refusal as in use
 
 	// The operation the last kill targeted, for the report.
 	last struct {
@@ -520,61 +519,51 @@ func (m *mgmt) step(kind int, arm bool, kill func(), killed *atomic.Bool) (what 
 		what = "snapshot delete " + name
 		onOK = func() { delete(m.snaps, name); m.gone[name] = true }
 	}
-	// A just-closed disk's release may reach the daemon a moment after
-	// close(2) returned: a reset or delete refused as "in use" is tried
-	// again (see env.tryInUse). Before a kill, give the release that
-	// moment, so that the kill does not land on a refusal.
-	if arm && (kind == opReset || kind == opSnapDelete) {
-		time.Sleep(100 * time.Millisecond)
+	// A reset or delete right after d2 or a snapshot was closed must not be
+	// refused as "in use": the daemon waits for the kernel's asynchronous
+	// release (commit 3278ff2); any failure before the kill fails the test.
+	began := time.Now()
+	var err error
+	var stderr bytes.Buffer
+	if kind == opWrite {
+		res := make(chan error, 1)
+		go func() { res <- m.write(writeFrom, m.region, m.cands[0].b) }()
+		if arm {
+			time.Sleep(killDelay(m.dur[kind]))
+			kill()
+		}
+		err = <-res
+	} else {
+		c := m.e.cmd(args...)
+		c.Stderr = &stderr
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		if arm {
+			time.Sleep(killDelay(m.dur[kind]))
+			kill()
+		}
+		err = c.Wait()
 	}
-	for attempt := 0; ; attempt++ {
-		began := time.Now()
-		var err error
-		var stderr bytes.Buffer
-		if kind == opWrite {
-			res := make(chan error, 1)
-			go func() { res <- m.write(writeFrom, m.region, m.cands[0].b) }()
-			if arm {
-				time.Sleep(killDelay(m.dur[kind]))
-				kill()
-			}
-			err = <-res
-		} else {
-			c := m.e.cmd(args...)
-			c.Stderr = &stderr
-			if err := c.Start(); err != nil {
-				t.Fatal(err)
-			}
-			if arm {
-				time.Sleep(killDelay(m.dur[kind]))
-				kill()
-			}
-			err = c.Wait()
-		}
-		if !arm && err == nil {
-			m.dur[kind] = time.Since(began)
-		}
-		if arm || killed.Load() {
-			m.last.kind, m.last.from, m.last.returned = kind, writeFrom, err == nil
-			if len(args) > 0 {
-				m.last.name = args[len(args)-1]
-			}
-		}
-		if err == nil {
-			onOK()
-			m.cands = nil
-			return what, arm || killed.Load()
-		}
-		if killed.Load() {
-			return what, true // cut short: the model keeps both outcomes
-		}
-		if (kind == opReset || kind == opSnapDelete) && strings.Contains(stderr.String(), "in use") && attempt < 100 {
-			m.inUse++
-			time.Sleep(20 * time.Millisecond)
-			continue
-		}
-		t.Fatalf("%s failed before any crash: %v\n%s", what, err, stderr.String())
+	if !arm && err == nil {
+		m.dur[kind] = time.Since(began)
 	}
+	if arm || killed.Load() {
+		m.last.kind, m.last.from, m.last.returned = kind, writeFrom, err == nil
+		if len(args) > 0 {
+			m.last.name = args[len(args)-1]
+		}
+	}
+	if err == nil {
+		onOK()
+		m.cands = nil
+		return what, arm || killed.Load()
+	}
+	if killed.Load() {
+		return what, true // cut short: the model keeps both outcomes
+	}
+	t.Fatalf("%s failed before any crash: %v\n%s", what, err, stderr.String())
+	return what, true
 }
 
 // killDelay is a random moment in an operation that last took d: between

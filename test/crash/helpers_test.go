@@ -19,7 +19,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -135,22 +134,6 @@ func (e *env) try(args ...string) (string, error) {
 		return string(out), fmt.Errorf("encdisk %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
 	}
 	return string(out), nil
-}
-
-// tryInUse is try for a command that needs a disk or snapshot closed. The
-// kernel sends FUSE's release of a closed file asynchronously, so just
-// after close(2) returns the daemon may still count the file open and
-// refuse with "in use": such a refusal is retried for up to 2 s, and
-// counted in retries.
-func (e *env) tryInUse(retries *atomic.Int64, args ...string) error {
-	for i := 0; ; i++ {
-		_, err := e.try(args...)
-		if err == nil || !strings.Contains(err.Error(), "in use") || i >= 100 {
-			return err
-		}
-		retries.Add(1)
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // runJSON runs encdisk with --json and decodes its output into v.
