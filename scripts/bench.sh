@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# The throughput benchmark of SPEC section 6, as root: every system side by
+# side in one run on this machine, interleaved round by round, medians and
+# ratios in one table at the end.
+#
+#   sudo bash scripts/bench.sh [WORKDIR]     (default /var/tmp/encdisk-bench, removed first)
+#
+# Targets (each a file the same fio jobs run on):
+#   enc      an encrypted disk of an encdisk mount (AES-256-XTS)
+#   plain    an unencrypted disk of the same daemon (the FUSE ceiling)
+#   gocryptfs   a file in a gocryptfs mount (AES-GCM)
+#   qemu-luks   a LUKS image (aes-256-xts) exported over FUSE by qemu-storage-daemon
+#   raw      a file on the backing file system (the storage ceiling)
+# and ext4 on a loop device (--direct-io=on) on enc, plain and raw, with the
+# same jobs on a file inside it. Then openssl speed against the blockcrypt
+# benchmark, and the daemon's peak RSS (VmHWM).
+#
+# Knobs (environment): ROUNDS=3 rounds, SIZE=1G per file, RUNTIME=8 seconds
+# per random job (sequential jobs stop after SIZE or 15 s), PEERS_RANDOM=1
+# also runs the random jobs on gocryptfs and qemu-luks, CPUPROFILE=FILE
+# writes a CPU profile of the encdisk daemon (ENCDISK_CPUPROFILE).
+# The default run takes about 10 minutes.
+set -euo pipefail
+export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+ROUNDS=${ROUNDS:-3}
+SIZE=${SIZE:-1G}
+RUNTIME=${RUNTIME:-8}
+PEERS_RANDOM=${PEERS_RANDOM:-0}
+work=${1:-/var/tmp/encdisk-bench}
+
+if [ "$(id -u)" -ne 0 ]; then
+	echo "bench: run as root (FUSE mounts, loop devices, drop_caches)" >&2
+	exit 1
+fi
+
+# --- what the benchmark needs ------------------------------------------------
+need=()
+for pair in fio:fio gocryptfs:gocryptfs qemu-img:qemu-utils qemu-storage-daemon:qemu-system-common \
+	openssl:openssl mkfs.ext4:e2fsprogs losetup:util-linux fusermount3:fuse3; do
+	cmd=${pair%%:*} pkg=${pair#*:}
+	command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+	echo "bench: installing ${need[*]}"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v go >/dev/null || { echo "bench: Go 1.26 is needed" >&2; exit 1; }
+
+# --- set up ------------------------------------------------------------------
+daemon_pid= qsd_pid= loops=()
+cleanup() {
+	set +e
+	for d in "$work"/ext4-*; do mountpoint -q "$d" 2>/dev/null && umount "$d"; done
+	for l in "${loops[@]}"; do losetup -d "$l"; done
+	mountpoint -q "$work/gcfs" 2>/dev/null && umount "$work/gcfs"
+	[ -n "$qsd_pid" ] && { umount "$work/export.img" 2>/dev/null; kill "$qsd_pid"; wait "$qsd_pid"; }
+	if [ -n "$daemon_pid" ]; then
+		umount "$work/mnt" 2>/dev/null
+		kill "$daemon_pid" 2>/dev/null
+		wait "$daemon_pid" 2>/dev/null
+	fi
+}
+trap cleanup EXIT
+
+if mountpoint -q "$work/mnt" 2>/dev/null || mountpoint -q "$work/gcfs" 2>/dev/null; then
+	echo "bench: $work is still mounted from an earlier run; unmount it first" >&2
+	exit 1
+fi
+rm -rf "$work"
+mkdir -p "$work"/{mnt,gcfs,gcfs.cipher,ext4-enc,ext4-plain,ext4-raw}
+echo "bench: building encdisk"
+go build -o "$work/encdisk" .
+encdisk() { "$work/encdisk" "$@"; }
+echo benchpass > "$work/pw"
+chmod 600 "$work/pw"
+export ENCDISK_PASSPHRASE_FILE=$work/pw ENCDISK_KEYSTORE=$work/kms
+
+# Each target gets its own 4 GiB file for the file jobs; ext4 lives on separate disks.
+encdisk init "$work/vol" --keystore "$work/kms" >/dev/null
+for d in enc enc4; do encdisk disk create "$work/vol" $d --size 4GiB --encrypted >/dev/null; done
+for d in plain plain4; do encdisk disk create "$work/vol" $d --size 4GiB --encrypted=false >/dev/null; done
+ENCDISK_CPUPROFILE=${CPUPROFILE:-} "$work/encdisk" mount "$work/vol" "$work/mnt" --foreground 2>"$work/daemon.log" &
+daemon_pid=$!
+for _ in $(seq 100); do [ -e "$work/mnt/enc" ] && break; sleep 0.1; done
+[ -e "$work/mnt/enc" ] || { echo "bench: the encdisk mount did not come up:" >&2; cat "$work/daemon.log" >&2; exit 1; }
+
+gocryptfs -init -q -passfile "$work/pw" "$work/gcfs.cipher" >/dev/null
+gocryptfs -q -passfile "$work/pw" "$work/gcfs.cipher" "$work/gcfs"
+
+qemu-img create -q -f luks --object secret,id=s0,data=benchpass \
+	-o key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,iter-time=10 "$work/luks.img" 4G
+touch "$work/export.img"
+qemu-storage-daemon --object secret,id=s0,data=benchpass \
+	--blockdev driver=file,node-name=f0,filename="$work/luks.img" \
+	--blockdev driver=luks,node-name=l0,file=f0,key-secret=s0 \
+	--export type=fuse,id=e0,node-name=l0,mountpoint="$work/export.img",writable=on \
+	>"$work/qsd.log" 2>&1 &
+qsd_pid=$!
+for _ in $(seq 100); do [ "$(stat -c %s "$work/export.img")" -gt 0 ] && break; sleep 0.1; done
+
+truncate -s 4G "$work/raw.img" "$work/raw4.img"
+
+# ext4 on a direct-io loop device on enc4, plain4 and raw4.
+for t in enc plain raw; do
+	case $t in raw) f=$work/raw4.img ;; *) f=$work/mnt/${t}4 ;; esac
+	mkfs.ext4 -q -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$f"
+	l=$(losetup -f --show --direct-io=on "$f")
+	loops+=("$l")
+	mount "$l" "$work/ext4-$t"
+done
+
+file_of() {
+	case $1 in
+	enc | plain) echo "$work/mnt/$1" ;;
+	gocryptfs) echo "$work/gcfs/file" ;;
+	qemu-luks) echo "$work/export.img" ;;
+	raw) echo "$work/raw.img" ;;
+	ext4-*) echo "$work/$1/file" ;;
+	esac
+}
+
+# --- the jobs ----------------------------------------------------------------
+# fio prints one terse (v3) line: field 7 is read KiB/s, 48 write KiB/s.
+results=$work/results.tsv
+: >"$results"
+runjob() { # round target job
+	local round=$1 target=$2 job=$3 f args field
+	f=$(file_of "$target")
+	args=(--name="$job" --filename="$f" --size="$SIZE" --direct=1 --fallocate=none
+		--ioengine=libaio --minimal --output="$work/fio.out")
+	case $job in
+	seqwrite) args+=(--rw=write --bs=1M --iodepth=4 --runtime=15 --end_fsync=1) field=48 ;;
+	seqread) args+=(--rw=read --bs=1M --iodepth=4 --runtime=15) field=7 ;;
+	randread) args+=(--rw=randread --bs=4k --iodepth=8 --numjobs=2 --group_reporting --runtime="$RUNTIME" --time_based) field=7 ;;
+	randwrite) args+=(--rw=randwrite --bs=4k --iodepth=8 --numjobs=2 --group_reporting --runtime="$RUNTIME" --time_based) field=48 ;;
+	esac
+	case $job in seqread) sync; echo 3 >/proc/sys/vm/drop_caches ;; esac
+	if ! fio "${args[@]}" >"$work/fio.err" 2>&1; then
+		echo "bench: fio $job on $target failed:" >&2
+		cat "$work/fio.err" "$work/fio.out" >&2
+		printf '%s\t%s\t%s\tNA\n' "$round" "$target" "$job" >>"$results"
+		return
+	fi
+	awk -F';' -v r="$round" -v t="$target" -v j="$job" -v c="$field" \
+		'{printf "%s\t%s\t%s\t%.1f\n", r, t, j, $c*1024/1e6}' "$work/fio.out" >>"$results"
+	printf '  round %s %-10s %-10s %8s MB/s\n' "$round" "$target" "$job" "$(tail -1 "$results" | cut -f4)"
+}
+
+file_targets=(enc plain gocryptfs qemu-luks raw)
+for round in $(seq "$ROUNDS"); do
+	# Rotate the order every round so no target always runs first or last.
+	n=${#file_targets[@]} order=()
+	for i in $(seq 0 $((n - 1))); do order+=("${file_targets[$(((i + round) % n))]}"); done
+	for job in seqwrite seqread randread randwrite; do
+		for t in "${order[@]}"; do
+			case $t:$job in gocryptfs:rand* | qemu-luks:rand*) [ "$PEERS_RANDOM" = 1 ] || continue ;; esac
+			runjob "$round" "$t" "$job"
+		done
+	done
+	for job in seqwrite seqread randread randwrite; do
+		for t in ext4-enc ext4-plain ext4-raw; do
+			[ "$job" = seqwrite ] && rm -f "$(file_of "$t")"
+			runjob "$round" "$t" "$job"
+		done
+	done
+done
+
+hwm=$(awk '/VmHWM/ {print $2}' /proc/"$daemon_pid"/status)
+rss=$(awk '/VmRSS/ {print $2}' /proc/"$daemon_pid"/status)
+
+# --- the engine --------------------------------------------------------------
+echo "bench: openssl speed against the blockcrypt benchmark"
+eng=$work/engine.tsv
+: >"$eng"
+for round in $(seq "$ROUNDS"); do
+	openssl speed -evp aes-256-xts -bytes 4096 -seconds 3 2>/dev/null |
+		awk -v r="$round" '/^(aes|AES)-256-(xts|XTS)/ {v=$NF; sub(/k$/, "", v); printf "%s\topenssl\t%.1f\n", r, v*1000/1e6}' >>"$eng"
+	go test -run XXX -bench 'EncryptSector/blockcrypt$' -benchtime 3s ./blockcrypt/ 2>/dev/null |
+		awk -v r="$round" '/^BenchmarkEncryptSector\/blockcrypt/ {for (i=1;i<=NF;i++) if ($(i+1)=="MB/s") printf "%s\tblockcrypt\t%s\n", r, $i}' >>"$eng"
+	go test -run XXX -bench 'EncryptSectorMin/blockcrypt$' -benchtime 1s ./blockcrypt/ 2>/dev/null |
+		awk -v r="$round" '/^BenchmarkEncryptSectorMin\/blockcrypt/ {for (i=1;i<=NF;i++) if ($(i+1)=="min-MB/s") printf "%s\tblockcrypt-min\t%s\n", r, $i}' >>"$eng"
+done
+
+# --- the table ---------------------------------------------------------------
+median() { sort -n | awk '{v[NR]=$1} END {if (NR==0) print "NA"; else if (NR%2) print v[(NR+1)/2]; else printf "%.1f\n", (v[NR/2]+v[NR/2+1])/2}'; }
+med() { awk -F'\t' -v t="$1" -v j="$2" '$2==t && $3==j && $4!="NA" {print $4}' "$results" | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a=="NA" || b=="NA" || b==0) print "-"; else printf "%.2f\n", a/b}'; }
+
+{
+	echo
+	echo "encdisk benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) vCPUs, Linux $(uname -r)"
+	echo "median of $ROUNDS rounds, MB/s (fio direct=1, libaio; seq 1 MiB QD4 over $SIZE, random 4 KiB QD8 x 2 jobs for ${RUNTIME} s)"
+	echo
+	printf '%-10s %-9s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' where job enc plain gocryptfs qemu-luks raw enc/plain enc/gcfs enc/qemu enc/raw
+	for job in seqwrite seqread randread randwrite; do
+		e=$(med enc $job) p=$(med plain $job) g=$(med gocryptfs $job) q=$(med qemu-luks $job) r=$(med raw $job)
+		printf '%-10s %-9s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' file $job "$e" "$p" "$g" "$q" "$r" \
+			"$(ratio "$e" "$p")" "$(ratio "$e" "$g")" "$(ratio "$e" "$q")" "$(ratio "$e" "$r")"
+	done
+	for job in seqwrite seqread randread randwrite; do
+		e=$(med ext4-enc $job) p=$(med ext4-plain $job) r=$(med ext4-raw $job)
+		printf '%-10s %-9s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' ext4-loop $job "$e" "$p" - - "$r" \
+			"$(ratio "$e" "$p")" - - "$(ratio "$e" "$r")"
+	done
+	o=$(awk -F'\t' '$2=="openssl" {print $3}' "$eng" | median)
+	b=$(awk -F'\t' '$2=="blockcrypt" {print $3}' "$eng" | median)
+	m=$(awk -F'\t' '$2=="blockcrypt-min" {print $3}' "$eng" | median)
+	echo
+	echo "engine, 4 KiB sectors, one core: openssl speed -evp aes-256-xts $o MB/s; blockcrypt $b MB/s (mean, $(ratio "$b" "$o")x), $m MB/s (fastest call, $(ratio "$m" "$o")x)"
+	echo "encdisk daemon: peak RSS (VmHWM) $((hwm / 1024)) MiB, RSS at the end $((rss / 1024)) MiB"
+	echo "raw figures: $results, $eng"
+} | tee "$work/table.txt"
