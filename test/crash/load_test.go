@@ -113,6 +113,7 @@ func TestLoad(t *testing.T) {
 		"--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1",
 		"--time_based", "--runtime="+strconv.Itoa(secs),
 		"--output-format=json", "--output="+out)
+	fio.Dir = e.dir // where fio leaves its verify state files
 	fioOut, fioErr := fio.CombinedOutput()
 	close(stop)
 	wg.Wait()
