@@ -694,3 +694,28 @@ func TestCLIRacingDaemon(t *testing.T) {
 	}
 	e.verifyData()
 }
+
+// TestStaleSocketAfterKill: a daemon killed with -9 leaves its control
+// socket; check reports it, --repair removes it, and the volume is whole.
+func TestStaleSocketAfterKill(t *testing.T) {
+	e := seedVolume(t)
+	pid := e.mount()
+	syscall.Kill(pid, syscall.SIGKILL)
+	waitGone(pid, 10*time.Second)
+	syscall.Unmount(e.mnt, syscall.MNT_DETACH)
+	sock := filepath.Join(e.vol, "control.sock")
+	if _, err := os.Stat(sock); err != nil {
+		t.Skip("the killed daemon left no socket")
+	}
+	e.failWith(args("check", e.vol), "--repair")
+	if out, _ := e.cmd("check", e.vol).Output(); !strings.Contains(string(out), "control-socket") {
+		t.Errorf("check after kill -9: %s", out)
+	}
+	if out := e.run("check", e.vol, "--repair"); !strings.Contains(out, "all repaired") {
+		t.Errorf("check --repair: %s", out)
+	}
+	if _, err := os.Stat(sock); err == nil {
+		t.Error("the stale socket is still there")
+	}
+	e.verifyData()
+}
