@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/bits"
 	"os"
 	"slices"
 	"sort"
@@ -158,8 +159,7 @@ type scan struct {
 	nodeRef    map[uint64]uint32 // true reference counts of reachable nodes
 	nodeLevel  map[uint64]int
 	nodeMapped map[uint64]uint64
-	blockRef   map[uint64]uint32 // true reference counts of mapped blocks in range
-	maxMapped  uint64
+	blocks     blockSet // mapped blocks in range, with their true reference counts
 
 	storedNodeRefs, storedBlockRefs map[uint64]uint32
 	free                            []extent // decoded, in range, sorted
@@ -185,7 +185,7 @@ func newScan() *scan {
 		nodeRef:         map[uint64]uint32{},
 		nodeLevel:       map[uint64]int{},
 		nodeMapped:      map[uint64]uint64{},
-		blockRef:        map[uint64]uint32{},
+		blocks:          blockSet{chunks: map[uint64]*[64]uint64{}, multi: map[uint64]uint32{}},
 		storedNodeRefs:  map[uint64]uint32{},
 		storedBlockRefs: map[uint64]uint32{},
 		fixNodeRefs:     map[uint64]uint32{},
@@ -364,7 +364,7 @@ func (sc *scan) run(tx *bolt.Tx, f *os.File) {
 		}
 	}
 	r.Nodes = len(sc.nodeRef)
-	r.MappedBlocks = uint64(len(sc.blockRef))
+	r.MappedBlocks = sc.blocks.n
 
 	// Stored nodes no tree reaches; the node counter.
 	var maxNode uint64
@@ -475,13 +475,13 @@ func (sc *scan) checkPoolSize(f *os.File) {
 	if fi.Size() >= end {
 		return
 	}
-	if len(sc.blockRef) > 0 && int64(sc.maxMapped+1)*BlockSize > fi.Size() {
+	if sc.blocks.n > 0 && int64(sc.blocks.max+1)*BlockSize > fi.Size() {
 		lost := 0
-		for b := range sc.blockRef {
+		sc.blocks.each(func(b uint64) {
 			if int64(b+1)*BlockSize > fi.Size() {
 				lost++
 			}
-		}
+		})
 		sc.r.Add(ProblemPoolShort, false, "the pool file is %d bytes but the metadata spans %d blocks (%d bytes): the data file was truncated and %d mapped block(s) are gone",
 			fi.Size(), sc.hwm, end, lost)
 		return
@@ -530,8 +530,7 @@ func (sc *scan) walk(nodes *bolt.Bucket, id uint64, level int, t TreeID) uint64 
 			}
 			continue
 		}
-		sc.blockRef[c]++
-		sc.maxMapped = max(sc.maxMapped, c)
+		sc.blocks.add(c)
 	}
 	sc.nodeMapped[id] = m
 	return m
@@ -583,8 +582,31 @@ func (sc *scan) checkRefs(tx *bolt.Tx) {
 		}
 	}
 	compare("node", ProblemNodeRefcount, sc.nodeRef, sc.storedNodeRefs, sc.fixNodeRefs)
-	if sc.metaOK { // else the blocks were not counted
-		compare("block", ProblemBlockRefcount, sc.blockRef, sc.storedBlockRefs, sc.fixBlockRefs)
+	if !sc.metaOK { // the blocks were not counted
+		return
+	}
+	// Blocks: only those shared or with a stored count can disagree (one
+	// reference and no entry is the common, correct case).
+	keys := make([]uint64, 0, len(sc.blocks.multi)+len(sc.storedBlockRefs))
+	for k := range sc.blocks.multi {
+		keys = append(keys, k)
+	}
+	for k := range sc.storedBlockRefs {
+		if _, ok := sc.blocks.multi[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		want := sc.blocks.count(k)
+		got, ok := sc.storedBlockRefs[k]
+		if !ok {
+			got = 1
+		}
+		if got != want || (ok && got <= 1) {
+			sc.r.Add(ProblemBlockRefcount, true, "block %d has reference count %d stored, %d true", k, got, want)
+			sc.fixBlockRefs[k] = want
+		}
 	}
 }
 
@@ -643,32 +665,26 @@ func (sc *scan) checkFree(tx *bolt.Tx) {
 	for _, e := range union {
 		free += e.n
 	}
-	// Mapped blocks, sorted, against the union.
-	mapped := make([]uint64, 0, len(sc.blockRef))
-	for blk := range sc.blockRef {
-		mapped = append(mapped, blk)
-	}
-	slices.Sort(mapped)
-	i := 0
-	for _, e := range union {
-		for i < len(mapped) && mapped[i] < e.start {
-			i++
-		}
-		for j := i; j < len(mapped) && mapped[j] < e.start+e.n; j++ {
-			r.Add(ProblemFreeMapped, true, "block %d is mapped and also in the free extent %d+%d", mapped[j], e.start, e.n)
-			rebuild = true
-		}
-	}
-	// The complement of the mapped blocks in [1, hwm) is what should be
-	// free: what of it is not in the free list is leaked.
+	// One pass over the mapped blocks in order: against the union (a
+	// block both free and mapped), and for the complement of the mapped
+	// blocks in [1, hwm), which is what should be free: what of it is not
+	// in the free list is leaked.
 	var should []extent
 	next := uint64(1)
-	for _, blk := range mapped {
+	i := 0
+	sc.blocks.each(func(blk uint64) {
+		for i < len(union) && union[i].start+union[i].n <= blk {
+			i++
+		}
+		if i < len(union) && union[i].start <= blk {
+			r.Add(ProblemFreeMapped, true, "block %d is mapped and also in the free extent %d+%d", blk, union[i].start, union[i].n)
+			rebuild = true
+		}
 		if blk > next {
 			should = append(should, extent{next, blk - next})
 		}
 		next = blk + 1
-	}
+	})
 	if next < sc.hwm {
 		should = append(should, extent{next, sc.hwm - next})
 	}
@@ -684,6 +700,62 @@ func (sc *scan) checkFree(tx *bolt.Tx) {
 		sc.newFree, sc.leaked = newFree, leaked
 		if sc.newFree == nil {
 			sc.newFree = []extent{}
+		}
+	}
+}
+
+// blockSet holds the mapped blocks: a bit per block in chunks of 4096
+// blocks (512 bytes for 16 MiB of pool), and a count only for blocks
+// referenced more than once. A 1 TiB pool fully mapped costs 32 MiB, where a
+// map entry per block would cost gigabytes.
+type blockSet struct {
+	chunks map[uint64]*[64]uint64 // block>>12 -> bits
+	multi  map[uint64]uint32      // reference counts above 1
+	n, max uint64                 // distinct blocks, highest block
+}
+
+func (s *blockSet) add(b uint64) {
+	c := s.chunks[b>>12]
+	if c == nil {
+		c = new([64]uint64)
+		s.chunks[b>>12] = c
+	}
+	w, bit := (b>>6)&63, uint64(1)<<(b&63)
+	if c[w]&bit != 0 {
+		s.multi[b] = max(s.multi[b], 1) + 1
+		return
+	}
+	c[w] |= bit
+	s.n++
+	s.max = max(s.max, b)
+}
+
+// count is the number of references to b.
+func (s *blockSet) count(b uint64) uint32 {
+	if m := s.multi[b]; m > 0 {
+		return m
+	}
+	if c := s.chunks[b>>12]; c != nil && c[(b>>6)&63]&(uint64(1)<<(b&63)) != 0 {
+		return 1
+	}
+	return 0
+}
+
+// each calls fn for every block, in increasing order.
+func (s *blockSet) each(fn func(b uint64)) {
+	keys := make([]uint64, 0, len(s.chunks))
+	for k := range s.chunks {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		c := s.chunks[k]
+		for w, word := range c {
+			for word != 0 {
+				bit := uint64(bits.TrailingZeros64(word))
+				fn(k<<12 | uint64(w)<<6 | bit)
+				word &= word - 1
+			}
 		}
 	}
 }

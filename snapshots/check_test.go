@@ -3,6 +3,7 @@ package snapshots
 import (
 	"encoding/binary"
 	"errors"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -507,4 +508,36 @@ func equalExtents(a, b []extent) bool {
 		}
 	}
 	return true
+}
+
+func TestBlockSet(t *testing.T) {
+	s := blockSet{chunks: map[uint64]*[64]uint64{}, multi: map[uint64]uint32{}}
+	model := map[uint64]uint32{}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 20000; i++ {
+		b := rng.Uint64N(1 << 20)
+		if i%3 == 0 {
+			b = rng.Uint64N(64) + 4090 // crowd a chunk boundary
+		}
+		s.add(b)
+		model[b]++
+	}
+	if s.n != uint64(len(model)) {
+		t.Fatalf("n = %d, want %d", s.n, len(model))
+	}
+	var prev uint64
+	seen := 0
+	s.each(func(b uint64) {
+		if seen > 0 && b <= prev {
+			t.Fatalf("each: %d after %d", b, prev)
+		}
+		if s.count(b) != model[b] {
+			t.Fatalf("count(%d) = %d, want %d", b, s.count(b), model[b])
+		}
+		prev = b
+		seen++
+	})
+	if seen != len(model) || s.count(1<<21) != 0 {
+		t.Fatalf("each saw %d of %d", seen, len(model))
+	}
 }
