@@ -541,3 +541,50 @@ func TestBlockSet(t *testing.T) {
 		t.Fatalf("each saw %d of %d", seen, len(model))
 	}
 }
+
+// BenchmarkCheck checks a store of 256 Ki mapped sectors (1 GiB of data)
+// in a disk and a snapshot sharing half of it. The data itself is never
+// read: only the pool file's size matters.
+func BenchmarkCheck(b *testing.B) {
+	dir := b.TempDir()
+	db, err := bolt.Open(filepath.Join(dir, "meta.db"), 0o600, &bolt.Options{NoSync: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	if err := Create(db, filepath.Join(dir, "pool")); err != nil {
+		b.Fatal(err)
+	}
+	s, err := Open(db, filepath.Join(dir, "pool"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	var d TreeID
+	s.Apply(func(tx *Tx) error { d = tx.NewTree(); return nil }, nil)
+	const n, chunk = 256 << 10, 256
+	out, fresh := make([]uint64, chunk), make([]bool, chunk)
+	for first := uint64(0); first < n; first += chunk {
+		s.BeginIO()
+		s.PrepareWrite(d, first, out, fresh)
+		s.Publish(d, first, out, fresh)
+		s.EndIO()
+	}
+	s.Apply(func(tx *Tx) error { _, err := tx.Clone(d); return err }, nil)
+	for first := uint64(0); first < n/2; first += chunk {
+		s.BeginIO()
+		s.PrepareWrite(d, first, out, fresh)
+		s.Publish(d, first, out, fresh)
+		s.EndIO()
+	}
+	s.Commit(nil)
+	s.Pool().Truncate(int64(s.Stats().Blocks) * BlockSize)
+	b.ReportAllocs()
+	for b.Loop() {
+		r, err := s.Check(CheckOptions{})
+		if err != nil || len(r.Problems) != 0 {
+			b.Fatal(err, r.Problems)
+		}
+	}
+	b.ReportMetric(float64(n+n/2)*float64(b.N)/b.Elapsed().Seconds(), "mapped-blocks/s")
+}
