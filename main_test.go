@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
 	"golang.org/x/sys/unix"
@@ -65,6 +66,7 @@ func TestScripts(t *testing.T) {
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
 			"stalesock":  cmdStaleSock,
 			"killdaemon": cmdKillDaemon,
+			"waitfor":    cmdWaitFor,
 		},
 	})
 }
@@ -79,6 +81,27 @@ func cmdStaleSock(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Check(err)
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	ts.Check(ln.Close())
+}
+
+// waitfor PROG [ARGS...] runs PROG until it succeeds (at most 30 s), for
+// what becomes true asynchronously: a mount going live, a loop device's
+// release reaching the daemon. The machine may be loaded; fixed sleeps flake.
+// Its last stdout and stderr are those of the script.
+func cmdWaitFor(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) == 0 {
+		ts.Fatalf("usage: waitfor PROG [ARGS...]")
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := ts.Exec(args[0], args[1:]...)
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			ts.Fatalf("waitfor %s: still failing after 30s: %v", strings.Join(args, " "), err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // killdaemon MOUNTPOINT kills the mount daemon of MOUNTPOINT with SIGKILL.
