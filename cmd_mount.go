@@ -372,6 +372,7 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	lockMemory(logger)
 	logger.Printf("mount %s at %s (pid %d)", a.absVol, a.absMP, os.Getpid())
 	defer startCPUProfile(logger)()
+	limitMemory()
 
 	var ks *keystore.Keystore
 	if sec.Keystore != "" {

@@ -15,10 +15,18 @@
 # same jobs on a file inside it. Then openssl speed against the blockcrypt
 # benchmark, and the daemon's peak RSS (VmHWM).
 #
+# Each file is first filled once (the "first write" row: new blocks, one
+# sample); the rounds then overwrite and read it. Reads come from the host's
+# page cache where the target uses it (encdisk's pool file, gocryptfs's and
+# qemu's backing files), so the figures show the cost of each system's own
+# path, not of the virtual disk under it; raw is direct I/O on the backing
+# file system, the storage ceiling.
+#
 # Knobs (environment): ROUNDS=3 rounds, SIZE=1G per file, RUNTIME=8 seconds
 # per random job (sequential jobs stop after SIZE or 15 s), PEERS_RANDOM=1
-# also runs the random jobs on gocryptfs and qemu-luks, CPUPROFILE=FILE
-# writes a CPU profile of the encdisk daemon (ENCDISK_CPUPROFILE).
+# also runs the random jobs on gocryptfs and qemu-luks, DROP_CACHES=1 drops
+# the page cache before every read job (cold reads), CPUPROFILE=FILE writes
+# a CPU profile of the encdisk daemon (ENCDISK_CPUPROFILE).
 # The default run takes about 10 minutes.
 set -euo pipefail
 export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin
@@ -29,6 +37,7 @@ ROUNDS=${ROUNDS:-3}
 SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-8}
 PEERS_RANDOM=${PEERS_RANDOM:-0}
+DROP_CACHES=${DROP_CACHES:-0}
 work=${1:-/var/tmp/encdisk-bench}
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -59,7 +68,10 @@ cleanup() {
 	mountpoint -q "$work/gcfs" 2>/dev/null && umount "$work/gcfs"
 	[ -n "$qsd_pid" ] && { umount "$work/export.img" 2>/dev/null; kill "$qsd_pid"; wait "$qsd_pid"; }
 	if [ -n "$daemon_pid" ]; then
+		# The daemon exits by itself once unmounted (commit, keys wiped,
+		# CPU profile written); a signal only if it does not.
 		umount "$work/mnt" 2>/dev/null
+		for _ in $(seq 300); do kill -0 "$daemon_pid" 2>/dev/null || break; sleep 0.1; done
 		kill "$daemon_pid" 2>/dev/null
 		wait "$daemon_pid" 2>/dev/null
 	fi
@@ -89,7 +101,7 @@ for _ in $(seq 100); do [ -e "$work/mnt/enc" ] && break; sleep 0.1; done
 [ -e "$work/mnt/enc" ] || { echo "bench: the encdisk mount did not come up:" >&2; cat "$work/daemon.log" >&2; exit 1; }
 
 gocryptfs -init -q -passfile "$work/pw" "$work/gcfs.cipher" >/dev/null
-gocryptfs -q -passfile "$work/pw" "$work/gcfs.cipher" "$work/gcfs"
+gocryptfs -q -passfile "$work/pw" "$work/gcfs.cipher" "$work/gcfs" 2>>"$work/gocryptfs.log"
 
 qemu-img create -q -f luks --object secret,id=s0,data=benchpass \
 	-o key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,iter-time=10 "$work/luks.img" 4G
@@ -127,6 +139,7 @@ file_of() {
 # fio prints one terse (v3) line: field 7 is read KiB/s, 48 write KiB/s.
 results=$work/results.tsv
 : >"$results"
+: >"$work/rss.tsv"
 runjob() { # round target job
 	local round=$1 target=$2 job=$3 f args field
 	f=$(file_of "$target")
@@ -134,11 +147,12 @@ runjob() { # round target job
 		--ioengine=libaio --minimal --output="$work/fio.out")
 	case $job in
 	seqwrite) args+=(--rw=write --bs=1M --iodepth=4 --runtime=15 --end_fsync=1) field=48 ;;
+	fill) args+=(--rw=write --bs=1M --iodepth=4 --end_fsync=1) field=48 ;;
 	seqread) args+=(--rw=read --bs=1M --iodepth=4 --runtime=15) field=7 ;;
 	randread) args+=(--rw=randread --bs=4k --iodepth=8 --numjobs=2 --group_reporting --runtime="$RUNTIME" --time_based) field=7 ;;
 	randwrite) args+=(--rw=randwrite --bs=4k --iodepth=8 --numjobs=2 --group_reporting --runtime="$RUNTIME" --time_based) field=48 ;;
 	esac
-	case $job in seqread) sync; echo 3 >/proc/sys/vm/drop_caches ;; esac
+	case $DROP_CACHES:$job in 1:*read) sync; echo 3 >/proc/sys/vm/drop_caches ;; esac
 	if ! fio "${args[@]}" >"$work/fio.err" 2>&1; then
 		echo "bench: fio $job on $target failed:" >&2
 		cat "$work/fio.err" "$work/fio.out" >&2
@@ -147,14 +161,22 @@ runjob() { # round target job
 	fi
 	awk -F';' -v r="$round" -v t="$target" -v j="$job" -v c="$field" \
 		'{printf "%s\t%s\t%s\t%.1f\n", r, t, j, $c*1024/1e6}' "$work/fio.out" >>"$results"
-	printf '  round %s %-10s %-10s %8s MB/s\n' "$round" "$target" "$job" "$(tail -1 "$results" | cut -f4)"
+	local rss
+	rss=$(awk '/VmRSS/ {print int($2/1024)}' /proc/"$daemon_pid"/status)
+	printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$job" "$rss" >>"$work/rss.tsv"
+	printf '  round %s %-10s %-10s %8s MB/s  (daemon RSS %s MiB)\n' "$round" "$target" "$job" "$(tail -1 "$results" | cut -f4)" "$rss"
 }
 
 file_targets=(enc plain gocryptfs qemu-luks raw)
+for t in "${file_targets[@]}" ext4-enc ext4-plain ext4-raw; do runjob 0 "$t" fill; done
 for round in $(seq "$ROUNDS"); do
-	# Rotate the order every round so no target always runs first or last.
-	n=${#file_targets[@]} order=()
-	for i in $(seq 0 $((n - 1))); do order+=("${file_targets[$(((i + round) % n))]}"); done
+	# enc and plain run next to each other, in turns first; the ratios
+	# are taken within each round, then the median over rounds.
+	if [ $((round % 2)) = 1 ]; then
+		order=(enc plain gocryptfs qemu-luks raw) e4=(ext4-enc ext4-plain ext4-raw)
+	else
+		order=(raw qemu-luks gocryptfs plain enc) e4=(ext4-raw ext4-plain ext4-enc)
+	fi
 	for job in seqwrite seqread randread randwrite; do
 		for t in "${order[@]}"; do
 			case $t:$job in gocryptfs:rand* | qemu-luks:rand*) [ "$PEERS_RANDOM" = 1 ] || continue ;; esac
@@ -162,7 +184,7 @@ for round in $(seq "$ROUNDS"); do
 		done
 	done
 	for job in seqwrite seqread randread randwrite; do
-		for t in ext4-enc ext4-plain ext4-raw; do
+		for t in "${e4[@]}"; do
 			[ "$job" = seqwrite ] && rm -f "$(file_of "$t")"
 			runjob "$round" "$t" "$job"
 		done
@@ -188,29 +210,37 @@ done
 # --- the table ---------------------------------------------------------------
 median() { sort -n | awk '{v[NR]=$1} END {if (NR==0) print "NA"; else if (NR%2) print v[(NR+1)/2]; else printf "%.1f\n", (v[NR/2]+v[NR/2+1])/2}'; }
 med() { awk -F'\t' -v t="$1" -v j="$2" '$2==t && $3==j && $4!="NA" {print $4}' "$results" | median; }
+label() { case $1 in fill) echo "first write" ;; *) echo "$1" ;; esac; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a=="NA" || b=="NA" || b==0) print "-"; else printf "%.2f\n", a/b}'; }
+# pratio A B JOB: the median over rounds of A/B measured in the same round.
+pratio() {
+	awk -F'\t' -v a="$1" -v b="$2" -v j="$3" '$3==j && $4!="NA" {if ($2==a) A[$1]=$4; if ($2==b) B[$1]=$4}
+		END {for (r in A) if ((r in B) && B[r]>0) printf "%.4f\n", A[r]/B[r]}' "$results" |
+		median | awk '{if ($1=="NA") print "-"; else printf "%.2f\n", $1}'
+}
 
 {
 	echo
 	echo "encdisk benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) vCPUs, Linux $(uname -r)"
-	echo "median of $ROUNDS rounds, MB/s (fio direct=1, libaio; seq 1 MiB QD4 over $SIZE, random 4 KiB QD8 x 2 jobs for ${RUNTIME} s)"
+	echo "MB/s: median of $ROUNDS rounds (first write: one run); ratios: median of the ratios within each round"
+	echo "(fio direct=1, libaio; seq 1 MiB QD4 over $SIZE, random 4 KiB QD8 x 2 jobs for ${RUNTIME} s; DROP_CACHES=$DROP_CACHES)"
 	echo
-	printf '%-10s %-9s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' where job enc plain gocryptfs qemu-luks raw enc/plain enc/gcfs enc/qemu enc/raw
-	for job in seqwrite seqread randread randwrite; do
+	printf '%-10s %-11s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' where job enc plain gocryptfs qemu-luks raw enc/plain enc/gcfs enc/qemu enc/raw
+	for job in fill seqwrite seqread randread randwrite; do
 		e=$(med enc $job) p=$(med plain $job) g=$(med gocryptfs $job) q=$(med qemu-luks $job) r=$(med raw $job)
-		printf '%-10s %-9s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' file $job "$e" "$p" "$g" "$q" "$r" \
-			"$(ratio "$e" "$p")" "$(ratio "$e" "$g")" "$(ratio "$e" "$q")" "$(ratio "$e" "$r")"
+		printf '%-10s %-11s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' file "$(label $job)" "$e" "$p" "$g" "$q" "$r" \
+			"$(pratio enc plain $job)" "$(pratio enc gocryptfs $job)" "$(pratio enc qemu-luks $job)" "$(pratio enc raw $job)"
 	done
-	for job in seqwrite seqread randread randwrite; do
+	for job in fill seqwrite seqread randread randwrite; do
 		e=$(med ext4-enc $job) p=$(med ext4-plain $job) r=$(med ext4-raw $job)
-		printf '%-10s %-9s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' ext4-loop $job "$e" "$p" - - "$r" \
-			"$(ratio "$e" "$p")" - - "$(ratio "$e" "$r")"
+		printf '%-10s %-11s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' ext4-loop "$(label $job)" "$e" "$p" - - "$r" \
+			"$(pratio ext4-enc ext4-plain $job)" - - "$(pratio ext4-enc ext4-raw $job)"
 	done
 	o=$(awk -F'\t' '$2=="openssl" {print $3}' "$eng" | median)
 	b=$(awk -F'\t' '$2=="blockcrypt" {print $3}' "$eng" | median)
 	m=$(awk -F'\t' '$2=="blockcrypt-min" {print $3}' "$eng" | median)
 	echo
 	echo "engine, 4 KiB sectors, one core: openssl speed -evp aes-256-xts $o MB/s; blockcrypt $b MB/s (mean, $(ratio "$b" "$o")x), $m MB/s (fastest call, $(ratio "$m" "$o")x)"
-	echo "encdisk daemon: peak RSS (VmHWM) $((hwm / 1024)) MiB, RSS at the end $((rss / 1024)) MiB"
+	echo "encdisk daemon: peak RSS (VmHWM) $((hwm / 1024)) MiB, RSS at the end $((rss / 1024)) MiB; highest RSS seen after a job: $(sort -t$'\t' -k4,4n "$work/rss.tsv" | tail -1 | awk -F'\t' '{printf "%s MiB after %s on %s", $4, $3, $2}')"
 	echo "raw figures: $results, $eng"
 } | tee "$work/table.txt"
