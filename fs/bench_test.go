@@ -229,7 +229,10 @@ var benchWorkloads = []workload{
 // ENCDISK_FS_BENCH_CONFIGS to a comma list of configurations (see configs
 // below), ENCDISK_FS_BENCH_SECONDS for the time per workload,
 // ENCDISK_FS_BENCH_REPS for the runs per figure and
-// ENCDISK_FS_BENCH_LOOPDIO=1 to set the loop devices up with direct-io.
+// ENCDISK_FS_BENCH_LOOPDIO=1 to set the loop devices up with direct-io,
+// ENCDISK_FS_BENCH_ON=file or loop for one of the two, and
+// ENCDISK_FS_BENCH_ONLY=WORD for the workloads whose name has WORD. It
+// takes minutes: run it with -timeout 0.
 func TestMountThroughput(t *testing.T) {
 	if os.Getenv("ENCDISK_FS_BENCH") != "1" {
 		t.Skip("set ENCDISK_FS_BENCH=1 to measure")
@@ -321,7 +324,11 @@ func TestMountThroughput(t *testing.T) {
 	// the median is kept, so that drift in the machine hits all alike.
 	type key struct{ on, load, cfg string }
 	runs := map[key][]float64{}
-	for _, on := range []string{"file", "loop"} {
+	ons := []string{"file", "loop"}
+	if on := os.Getenv("ENCDISK_FS_BENCH_ON"); on != "" {
+		ons = []string{on}
+	}
+	for _, on := range ons {
 		for _, w := range loads {
 			w.direct = on == "loop"
 			for range reps {
@@ -348,7 +355,7 @@ func TestMountThroughput(t *testing.T) {
 		fmt.Fprintf(&sb, " %15s", cfg)
 	}
 	sb.WriteString("\n")
-	for _, on := range []string{"file", "loop"} {
+	for _, on := range ons {
 		for _, w := range loads {
 			raw := median(runs[key{on, w.name, "raw"}])
 			fmt.Fprintf(&sb, "%-5s %-17s %9.0f", on, w.name, raw)

@@ -62,6 +62,8 @@
 //   - statfs: the Backend's StatFS in 4096-byte blocks.
 //   - mmap(MAP_SHARED) works (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6 and
 //     later).
+//   - Older kernels refuse FALLOC_FL_ZERO_RANGE on FUSE files themselves
+//     (EOPNOTSUPP) before it reaches the mount.
 //
 // # Errors
 //
@@ -75,46 +77,70 @@
 //
 // # Tuning
 //
-// The defaults, chosen by measurement (TestMountThroughput, run with
-// ENCDISK_FS_BENCH=1, on a 2-vCPU VM shared with other work; the figures
-// below are from that run and noisy):
+// The defaults were chosen by measurement with TestMountThroughput
+// (ENCDISK_FS_BENCH=1, go test -timeout 0): Go workloads (pread/pwrite, 1
+// or 4 threads) and fio (libaio, O_DIRECT) against a file in /dev/shm, the
+// same file through the mount, and loop devices on both. The machine was a
+// 2-vCPU VM shared with other builds and tests (load average 8 to 12), so
+// single figures move by a factor of two between runs; only differences
+// that held in every run decided anything.
 //
-//   - FOPEN_DIRECT_IO (Options.PageCache false). Every read and write goes
-//     to the Disk; the kernel caches nothing. The page cache lost
-//     everywhere except in re-reading data already cached: sequential 1 MiB
-//     on the file 0.11 to 0.15 of the raw file against 0.46 to 0.61 for
-//     direct I/O, because each read costs a GETATTR and writes go through
-//     one page at a time. It also caches the data twice under a loop
-//     device (loop's own cache, then FUSE's), and would keep stale pages
-//     after a snapshot rollback. FOPEN_PARALLEL_DIRECT_WRITES lets writes
-//     to one file run in parallel.
-//   - MaxWrite 1 MiB, the kernel's limit: 1 MiB requests beat 128 KiB ones
-//     by about a third (seq write 0.61 against 0.44 of raw).
-//   - MaxBackground 64 (go-fuse's default is 12), so that asynchronous
-//     requests (read-ahead, asynchronous direct I/O) are not queued in the
-//     kernel.
+//   - FOPEN_DIRECT_IO, not the page cache (Options.PageCache false). Every
+//     read and write goes to the Disk; the kernel caches nothing, so data
+//     is never cached twice under a loop device (loop's cache, then
+//     FUSE's), nothing stale survives a snapshot rollback, and fsync has
+//     nothing to write back. The page cache was slower in nearly every
+//     row: 1 MiB sequential on the file 0.31 (write) and 0.38 (read) of raw
+//     against 0.66 and 0.54 with direct I/O; 4 KiB random 0.06 to 0.14
+//     against 0.13 to 0.24. It only won re-reading what it had cached.
+//     FOPEN_PARALLEL_DIRECT_WRITES lets writes to one file run in parallel.
+//   - FUSE_ASYNC_DIO on (Options.SyncDIO false), as libfuse does: the
+//     requests of asynchronous direct I/O are sent without waiting for each
+//     to finish, so a queue depth reaches the Disk. fio 4 KiB random at
+//     queue depth 16 went from 0.09 to 0.21-0.26 of raw on the file and
+//     from 0.10-0.11 to 0.27-0.32 through a loop device with direct-io
+//     (about 3 times faster); 1 MiB reads at queue depth 4, 0.71 to 0.88.
+//   - MaxWrite 1 MiB (the kernel's maximum, max_pages 256): 1 MiB requests
+//     beat 128 KiB ones by about a third (sequential write 0.61 against
+//     0.44 of raw).
+//   - MaxBackground 64 (go-fuse's default is 12) for asynchronous requests;
+//     12, 64 and 256 were within the noise at queue depth 16.
 //   - No write-back cache: the kernel would accept writes past the end of
 //     a disk and report the failure only at fsync or close, and it would
-//     keep its own idea of the size and mtime.
-//   - Read replies are written with writev from the buffer the Disk filled
-//     (no copy in this package, no buffer pool needed: go-fuse supplies the
-//     buffer); splice is off because there is no file descriptor to splice
-//     from.
+//     keep its own idea of the size.
+//   - Attributes are not cached (AttrTimeout 0): with direct I/O they are
+//     asked for only by stat, so caching them buys nothing and would hide
+//     a resize.
+//   - Read replies go out with writev straight from the buffer go-fuse
+//     hands to Read and the Disk fills: no copy and no buffer pool here.
+//     Splice is off, there being no file descriptor to splice from.
 //
-// Against a file in /dev/shm (memory speed, the strictest raw path), the
-// mount reached these ratios (median of 3 runs; MB/s through the mount over
-// MB/s on the raw file or on a loop device on it):
+// Use a loop device with direct I/O (losetup --direct-io=on): the default
+// buffered loop device sends one request at a time from a single worker,
+// and stays at 0.1 to 0.3 of raw for 4 KiB random I/O whatever the mount
+// does. With direct-io it passes its queue depth through.
 //
-//	                     direct I/O   page cache
-//	file seq write 1M       0.61         0.11
-//	file seq read 1M        0.46         0.14
-//	file 4k rand write      0.06-0.13    0.06-0.13
-//	file 4k rand read       0.12-0.16    0.05-0.06
-//	loop seq write 1M       0.49         0.33
-//	loop seq read 1M        0.73         (cached)
-//	loop 4k rand, QD 1-4    0.10-0.35    0.12-0.32
+// Medians of 3 runs (MB/s through the mount divided by MB/s on the raw
+// file, or on a loop device on the raw file):
 //
-// 4 KiB requests are bound by the FUSE round trip (about 15 to 40 µs here),
-// not by throughput; a Disk that does real work per request (encryption,
-// a file write) narrows every ratio.
+//	                                   direct I/O   page cache   direct, sync DIO
+//	file  1 MiB write, 1 thread           0.66         0.31          0.78
+//	file  1 MiB read, 1 thread            0.54         0.38          0.47
+//	file  4 KiB random write, 1-4 thr.    0.13-0.24    0.09-0.14     0.14-0.23
+//	file  4 KiB random read, 1-4 thr.     0.15-0.19    0.06-0.13     0.12-0.20
+//	file  fio 1 MiB read, QD 4            0.88         0.54          0.71
+//	file  fio 4 KiB randwrite, QD 16      0.21         0.18          0.09
+//	file  fio 4 KiB randread, QD 16       0.26         0.11          0.09
+//	loop (direct-io) 1 MiB write          0.63         0.64          0.55
+//	loop (direct-io) 1 MiB read           0.50         0.46          0.45
+//	loop (direct-io) fio 4 KiB rw, QD 16  0.27-0.32    0.09-0.27     0.10-0.11
+//
+// Against the real data path of an unencrypted disk (volume.Disk called in
+// process; its reads come from the host's page cache at 4.7 GB/s) the
+// mount reached 0.18-0.35 for one 1 MiB stream, 0.73-0.75 for four, and
+// 0.07-0.33 for 4 KiB random I/O. The mount is not within 10% of the raw
+// path for small requests: each request costs a FUSE round trip (about 15
+// to 40 µs on this VM) and one more copy, which only a Disk doing more work
+// per request (encryption, a disk write) hides. Parallelism hides it best:
+// several streams, queue depth, a loop device with direct-io.
 package fs
