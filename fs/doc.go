@@ -62,8 +62,8 @@
 //   - statfs: the Backend's StatFS in 4096-byte blocks.
 //   - mmap(MAP_SHARED) works (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6 and
 //     later).
-//   - Older kernels refuse FALLOC_FL_ZERO_RANGE on FUSE files themselves
-//     (EOPNOTSUPP) before it reaches the mount.
+//   - A kernel whose FUSE does not pass FALLOC_FL_ZERO_RANGE on refuses it
+//     itself (EOPNOTSUPP); 6.18, where this was tested, passes it.
 //
 // # Errors
 //
