@@ -15,6 +15,11 @@
 # same jobs on a file inside it. Then openssl speed against the blockcrypt
 # benchmark, and the daemon's peak RSS (VmHWM).
 #
+# Jobs (fio, direct=1): seqwrite and seqread 1 MiB at queue depth 4
+# (libaio), randread and randwrite 4 KiB at depth 8 in 2 jobs, and fsync
+# 4k: random 4 KiB writes each followed by fsync in 4 psync jobs (a
+# database's pattern; what the group commit serves).
+#
 # Each file is first filled once (the "first write" row: new blocks, one
 # sample); the rounds then overwrite and read it. Reads come from the host's
 # page cache where the target uses it (encdisk's pool file, gocryptfs's and
@@ -23,10 +28,11 @@
 # file system, the storage ceiling.
 #
 # Knobs (environment): ROUNDS=3 rounds, SIZE=1G per file, RUNTIME=8 seconds
-# per random job (sequential jobs stop after SIZE or 15 s), PEERS_RANDOM=1
-# also runs the random jobs on gocryptfs and qemu-luks, DROP_CACHES=1 drops
-# the page cache before every read job (cold reads), CPUPROFILE=FILE writes
-# a CPU profile of the encdisk daemon (ENCDISK_CPUPROFILE).
+# per random or fsync job (sequential jobs stop after SIZE or 15 s),
+# PEERS_RANDOM=1 also runs the random and fsync jobs on gocryptfs and
+# qemu-luks, DROP_CACHES=1 drops the page cache before every read job (cold
+# reads), CPUPROFILE=FILE writes a CPU profile of the encdisk daemon
+# (ENCDISK_CPUPROFILE; a heap profile goes to FILE.heap).
 # The default run takes about 10 minutes.
 set -euo pipefail
 export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin
@@ -151,6 +157,7 @@ runjob() { # round target job
 	seqread) args+=(--rw=read --bs=1M --iodepth=4 --runtime=15) field=7 ;;
 	randread) args+=(--rw=randread --bs=4k --iodepth=8 --numjobs=2 --group_reporting --runtime="$RUNTIME" --time_based) field=7 ;;
 	randwrite) args+=(--rw=randwrite --bs=4k --iodepth=8 --numjobs=2 --group_reporting --runtime="$RUNTIME" --time_based) field=48 ;;
+	fsyncwrite) args+=(--rw=randwrite --bs=4k --ioengine=psync --numjobs=4 --fsync=1 --group_reporting --runtime="$RUNTIME" --time_based) field=48 ;;
 	esac
 	case $DROP_CACHES:$job in 1:*read) sync; echo 3 >/proc/sys/vm/drop_caches ;; esac
 	if ! fio "${args[@]}" >"$work/fio.err" 2>&1; then
@@ -177,13 +184,13 @@ for round in $(seq "$ROUNDS"); do
 	else
 		order=(raw qemu-luks gocryptfs plain enc) e4=(ext4-raw ext4-plain ext4-enc)
 	fi
-	for job in seqwrite seqread randread randwrite; do
+	for job in seqwrite seqread randread randwrite fsyncwrite; do
 		for t in "${order[@]}"; do
-			case $t:$job in gocryptfs:rand* | qemu-luks:rand*) [ "$PEERS_RANDOM" = 1 ] || continue ;; esac
+			case $t:$job in gocryptfs:rand* | qemu-luks:rand* | gocryptfs:fsync* | qemu-luks:fsync*) [ "$PEERS_RANDOM" = 1 ] || continue ;; esac
 			runjob "$round" "$t" "$job"
 		done
 	done
-	for job in seqwrite seqread randread randwrite; do
+	for job in seqwrite seqread randread randwrite fsyncwrite; do
 		for t in "${e4[@]}"; do
 			[ "$job" = seqwrite ] && rm -f "$(file_of "$t")"
 			runjob "$round" "$t" "$job"
@@ -210,7 +217,7 @@ done
 # --- the table ---------------------------------------------------------------
 median() { sort -n | awk '{v[NR]=$1} END {if (NR==0) print "NA"; else if (NR%2) print v[(NR+1)/2]; else printf "%.1f\n", (v[NR/2]+v[NR/2+1])/2}'; }
 med() { awk -F'\t' -v t="$1" -v j="$2" '$2==t && $3==j && $4!="NA" {print $4}' "$results" | median; }
-label() { case $1 in fill) echo "first write" ;; *) echo "$1" ;; esac; }
+label() { case $1 in fill) echo "first write" ;; fsyncwrite) echo "fsync 4k" ;; *) echo "$1" ;; esac; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a=="NA" || b=="NA" || b==0) print "-"; else printf "%.2f\n", a/b}'; }
 # pratio A B JOB: the median over rounds of A/B measured in the same round.
 pratio() {
@@ -223,15 +230,16 @@ pratio() {
 	echo
 	echo "encdisk benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) vCPUs, Linux $(uname -r)"
 	echo "MB/s: median of $ROUNDS rounds (first write: one run); ratios: median of the ratios within each round"
-	echo "(fio direct=1, libaio; seq 1 MiB QD4 over $SIZE, random 4 KiB QD8 x 2 jobs for ${RUNTIME} s; DROP_CACHES=$DROP_CACHES)"
+	echo "(fio direct=1, libaio; seq 1 MiB QD4 over $SIZE, random 4 KiB QD8 x 2 jobs for ${RUNTIME} s;"
+	echo " fsync 4k: random 4 KiB writes, each followed by fsync, 4 psync jobs; DROP_CACHES=$DROP_CACHES)"
 	echo
 	printf '%-10s %-11s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' where job enc plain gocryptfs qemu-luks raw enc/plain enc/gcfs enc/qemu enc/raw
-	for job in fill seqwrite seqread randread randwrite; do
+	for job in fill seqwrite seqread randread randwrite fsyncwrite; do
 		e=$(med enc $job) p=$(med plain $job) g=$(med gocryptfs $job) q=$(med qemu-luks $job) r=$(med raw $job)
 		printf '%-10s %-11s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' file "$(label $job)" "$e" "$p" "$g" "$q" "$r" \
 			"$(pratio enc plain $job)" "$(pratio enc gocryptfs $job)" "$(pratio enc qemu-luks $job)" "$(pratio enc raw $job)"
 	done
-	for job in fill seqwrite seqread randread randwrite; do
+	for job in fill seqwrite seqread randread randwrite fsyncwrite; do
 		e=$(med ext4-enc $job) p=$(med ext4-plain $job) r=$(med ext4-raw $job)
 		printf '%-10s %-11s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' ext4-loop "$(label $job)" "$e" "$p" - - "$r" \
 			"$(pratio ext4-enc ext4-plain $job)" - - "$(pratio ext4-enc ext4-raw $job)"
