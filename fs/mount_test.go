@@ -520,8 +520,10 @@ func TestErrorMapping(t *testing.T) {
 	m := testMount(t)
 	m.b.add("busy", 1<<20)
 	m.b.add("broken", 1<<20)
+	m.b.mu.Lock() // the mount reads openErr from its own goroutines
 	m.b.openErr["busy"] = fmt.Errorf("volume: disk %q in use by pid 1 (qemu): %w", "busy", syscall.EBUSY)
 	m.b.openErr["broken"] = errors.New("volume: catalogue is corrupt")
+	m.b.mu.Unlock()
 	if _, err := os.Open(m.path("busy")); !errors.Is(err, syscall.EBUSY) {
 		t.Errorf("open busy: %v, want EBUSY", err)
 	}
