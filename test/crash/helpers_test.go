@@ -13,6 +13,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"github.com/encdisk/encdisk/internal/testbin"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,46 +27,13 @@ import (
 
 var encdiskBin string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "encdisk-crash-bin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	encdiskBin = filepath.Join(dir, "encdisk")
-	out, err := exec.Command("go", "build", "-o", encdiskBin, "github.com/encdisk/encdisk").CombinedOutput()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "build encdisk: %v\n%s", err, out)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testbin.Main(m, &encdiskBin) }
 
 // need skips the test when the machine lacks root, /dev/fuse or one of
 // tools, or fails it when CI=true.
 func need(t *testing.T, tools ...string) {
 	t.Helper()
-	var missing []string
-	if os.Geteuid() != 0 {
-		missing = append(missing, "root")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		missing = append(missing, "/dev/fuse")
-	}
-	for _, tool := range append([]string{"losetup", "mount", "umount"}, tools...) {
-		if _, err := exec.LookPath(tool); err != nil {
-			missing = append(missing, tool)
-		}
-	}
-	if len(missing) == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("reliability test cannot run in CI: missing %v", missing)
-	}
-	t.Skipf("needs %v", missing)
+	testbin.Need(t, append([]string{"losetup", "mount", "umount"}, tools...)...)
 }
 
 // env is one volume, its keystore and its mount point, all under a
@@ -104,12 +72,7 @@ func newEnvAt(t *testing.T, dir, vol string) *env {
 
 func (e *env) cmd(args ...string) *exec.Cmd {
 	c := exec.Command(encdiskBin, args...)
-	c.Env = append(os.Environ(),
-		"ENCDISK_PASSPHRASE_FILE="+e.pwFile,
-		"ENCDISK_TEST_FAST_KDF=1",
-		"HOME="+e.dir,
-		"ENCDISK_RUNTIME_DIR="+filepath.Join(e.dir, "run"),
-	)
+	c.Env = testbin.Environ(e.dir, e.pwFile)
 	c.Dir = e.dir
 	return c
 }

@@ -24,51 +24,20 @@ import (
 	"testing"
 	"time"
 
+	"github.com/encdisk/encdisk/internal/testbin"
 	"github.com/encdisk/encdisk/keystore"
 	bolt "go.etcd.io/bbolt"
 )
 
 var binary string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "encdisk-e2e-bin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	binary = filepath.Join(dir, "encdisk")
-	out, err := exec.Command("go", "build", "-o", binary, "github.com/encdisk/encdisk").CombinedOutput()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "build encdisk: %v\n%s", err, out)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testbin.Main(m, &binary) }
 
-// need skips the test when the machine lacks what it needs, or fails it in CI.
+// need skips the test when the machine lacks root, /dev/fuse or the tools,
+// or fails it in CI.
 func need(t *testing.T) {
 	t.Helper()
-	var missing []string
-	if os.Geteuid() != 0 {
-		missing = append(missing, "root")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		missing = append(missing, "/dev/fuse")
-	}
-	for _, tool := range []string{"mkfs.ext4", "losetup", "mount", "umount", "e2fsck"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			missing = append(missing, tool)
-		}
-	}
-	if len(missing) == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("integration test cannot run in CI: missing %v", missing)
-	}
-	t.Skipf("needs %v", missing)
+	testbin.Need(t, "mkfs.ext4", "losetup", "mount", "umount", "e2fsck")
 }
 
 type env struct {
@@ -93,12 +62,7 @@ func newEnv(t *testing.T) *env {
 
 func (e *env) cmd(args ...string) *exec.Cmd {
 	c := exec.Command(binary, args...)
-	c.Env = append(os.Environ(),
-		"ENCDISK_PASSPHRASE_FILE="+e.pwFile,
-		"ENCDISK_TEST_FAST_KDF=1",
-		"HOME="+e.dir,
-		"ENCDISK_RUNTIME_DIR="+filepath.Join(e.dir, "run"),
-	)
+	c.Env = testbin.Environ(e.dir, e.pwFile)
 	c.Dir = e.dir
 	return c
 }
