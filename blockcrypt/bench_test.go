@@ -79,7 +79,7 @@ func benchSectors(b *testing.B, size int, decrypt bool) {
 // One benchmark op is a batch: ns/op is per 16 sectors, MB/s is right.
 // On a shared machine the mean moves with other load; the minimum is the
 // engine's own speed. testdata/perf/openssl_min.c measures OpenSSL the same
-// way, for the comparison in PERFORMANCE.txt.
+// way, for the comparison in docs/PERFORMANCE.md.
 func BenchmarkEncryptSectorMin(b *testing.B) {
 	buf := make([]byte, SectorSize)
 	key := benchKey()

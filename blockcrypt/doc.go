@@ -39,7 +39,7 @@
 //     cipher.Block, one block at a time.
 //
 // The amd64 kernels are generated from the avo program in _asm (see the
-// comment there); PERFORMANCE.txt has measurements. The first call of New
+// comment there); docs/PERFORMANCE.md has measurements. The first call of New
 // runs a known-answer test of the chosen engine and returns an error rather
 // than a Cipher if it fails, so a bad build or CPU cannot write garbage to
 // a disk.
