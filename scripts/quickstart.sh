@@ -32,7 +32,7 @@ encdisk disk create ./vol data1 --size 4GiB --encrypted
 encdisk mount ./vol ./disks
 ls -l ./disks
 mkfs.ext4 -q ./disks/data1
-loop=$(losetup -f --show ./disks/data1)
+loop=$(losetup --direct-io=on -f --show ./disks/data1)
 mkdir -p ./data1
 mount "$loop" ./data1
 head -c 64M /dev/urandom > ./data1/hello.bin
