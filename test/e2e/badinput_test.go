@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"os"
@@ -269,9 +270,12 @@ func TestTamperedWrappedKey(t *testing.T) {
 	var orig any
 	editCatalogue(t, e, "d", func(m map[string]any) {
 		orig = m["wrapped_key"]
-		s := []byte(m["wrapped_key"].(string))
-		s[len(s)-6] ^= 1 // inside the GCM ciphertext or tag; still base64
-		m["wrapped_key"] = string(s)
+		blob, err := base64.StdEncoding.DecodeString(m["wrapped_key"].(string))
+		if err != nil {
+			t.Fatal(err)
+		}
+		blob[len(blob)-5] ^= 1 // inside the GCM tag
+		m["wrapped_key"] = base64.StdEncoding.EncodeToString(blob)
 	})
 	// Whatever needs d's key says it cannot have it; the rest works.
 	e.failWith(args("disk", "attach", e.vol, "d"), "data key of disk d")
