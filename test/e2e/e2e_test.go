@@ -11,7 +11,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io"
 	"io/fs"
@@ -25,8 +24,6 @@ import (
 	"time"
 
 	"github.com/encdisk/encdisk/internal/testbin"
-	"github.com/encdisk/encdisk/keystore"
-	bolt "go.etcd.io/bbolt"
 )
 
 var binary string
@@ -335,38 +332,7 @@ func TestNoPlaintextAtRest(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 
 	// Recover the data key from the catalogue, as the format documents it.
-	info := struct {
-		ID     string `json:"id"`
-		Region string `json:"region"`
-	}{}
-	hb, err := os.ReadFile(filepath.Join(e.vol, "volume.json"))
-	if err != nil || json.Unmarshal(hb, &info) != nil {
-		t.Fatalf("volume.json: %v", err)
-	}
-	db, err := bolt.Open(filepath.Join(e.vol, "meta.db"), 0o600, &bolt.Options{ReadOnly: true, Timeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var rec diskRecord
-	db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket([]byte("disks")).ForEach(func(k, v []byte) error {
-			return json.Unmarshal(v, &rec)
-		})
-	})
-	db.Close()
-	if len(rec.WrappedKey) == 0 {
-		t.Fatal("no wrapped key in the catalogue")
-	}
-	ks, err := keystore.Open(e.kms, keystore.Secret{Passphrase: []byte("correct horse battery staple")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dk, _, err := ks.Decrypt(info.Region, keystore.PrincipalECS, rec.WrappedKey,
-		map[string]string{"encdisk:volume": info.ID, "encdisk:disk": rec.KeyOwner})
-	ks.Close()
-	if err != nil {
-		t.Fatalf("unwrap the data key as documented: %v", err)
-	}
+	dk := unwrapDataKey(t, e, "secret")
 	needles := map[string][]byte{"canary": canary[:16], "data key half 1": dk[:16], "data key half 2": dk[32:48]}
 	scanned := 0
 	for _, root := range []string{e.vol, e.kms} {
