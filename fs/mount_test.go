@@ -8,6 +8,7 @@ import (
 	"log"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -645,33 +646,61 @@ func TestConcurrent(t *testing.T) {
 	})
 }
 
+// TestMmap maps a disk file shared and writes through the mapping. The
+// mapping lives in a child process: a page fault that this process's own
+// FUSE server must answer can deadlock the Go runtime (the faulting thread
+// cannot be stopped for a garbage collection, and the server cannot run
+// until the collection ends).
 func TestMmap(t *testing.T) {
 	cacheModes(t, func(t *testing.T, m *tmount) {
 		s := m.b.add("d", 1<<20)
 		s.writeAt([]byte("hello"), 8192)
-		f, err := os.OpenFile(m.path("d"), os.O_RDWR, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		mem, err := unix.Mmap(int(f.Fd()), 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-		if err != nil {
-			t.Fatalf("mmap: %v", err)
-		}
-		if string(mem[8192:8197]) != "hello" {
-			t.Errorf("mapped %q, want hello", mem[8192:8197])
-		}
-		copy(mem[100:], "mapped")
-		if err := unix.Msync(mem, unix.MS_SYNC); err != nil {
-			t.Fatal(err)
-		}
-		if err := unix.Munmap(mem); err != nil {
-			t.Fatal(err)
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), mmapChildEnv+"="+m.path("d"))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("mmap in a child process: %v\n%s", err, out)
 		}
 		if got := string(s.bytes()[100:106]); got != "mapped" {
 			t.Errorf("disk has %q after msync, want mapped", got)
 		}
 	})
+}
+
+// mmapChildEnv names the file TestMain maps when the test binary runs as
+// TestMmap's child.
+const mmapChildEnv = "ENCDISK_FS_TEST_MMAP_CHILD"
+
+func TestMain(m *testing.M) {
+	if path := os.Getenv(mmapChildEnv); path != "" {
+		if err := mmapChild(path); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// mmapChild maps path, checks what a test wrote at 8192, writes "mapped" at
+// 100 through the mapping and msyncs it.
+func mmapChild(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	mem, err := unix.Mmap(int(f.Fd()), 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("mmap: %w", err)
+	}
+	if string(mem[8192:8197]) != "hello" {
+		return fmt.Errorf("mapped %q, want hello", mem[8192:8197])
+	}
+	copy(mem[100:], "mapped")
+	if err := unix.Msync(mem, unix.MS_SYNC); err != nil {
+		return fmt.Errorf("msync: %w", err)
+	}
+	return unix.Munmap(mem)
 }
 
 func TestUnmount(t *testing.T) {
