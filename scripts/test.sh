@@ -16,6 +16,9 @@ fi
 go vet ./...
 # -race on everything: the data path, the store, the keystore and the daemon
 # are all concurrent.
-go test -race -count=1 -timeout 30m ./...
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+go test -race -count=1 -timeout 30m ./... 2>&1 | tee "$log"
 # A short run of every fuzz target (FUZZTIME each, default 10s).
 bash scripts/fuzz.sh
+echo "packages: $(grep -c '^ok ' "$log") passed, $(grep -c '^FAIL[[:space:]]' "$log") failed"
