@@ -813,33 +813,11 @@ const copyChunk = maxChunk / SectorSize
 // encrypting with dstC where set; the tweak stays the logical sector.
 // Holes are skipped. It returns the bytes copied.
 func copySectors(src *Volume, st snapshots.TreeID, srcC *blockcrypt.Cipher, dst *Volume, dt snapshots.TreeID, dstC *blockcrypt.Cipher, size int64, xfer *Transfer) (int64, error) {
-	nsec := uint64(size / SectorSize)
-	total := int64(src.st.Mapped(st)) * SectorSize
-	buf := make([]byte, maxChunk)
 	blocks := make([]uint64, copyChunk)
 	fresh := make([]bool, copyChunk)
-	var done int64
-	if xfer.Progress != nil {
-		xfer.Progress(0, total)
-	}
-	for s := uint64(0); s < nsec; {
-		d, ok, err := src.st.SeekData(st, s)
-		if err != nil {
-			return done, err
-		}
-		if !ok || d >= nsec {
-			break
-		}
-		h, err := src.st.SeekHole(st, d)
-		if err != nil {
-			return done, err
-		}
-		end := min(h, nsec, d+copyChunk)
-		ns := int(end - d)
-		p := buf[:ns*SectorSize]
-		if err := readBlocks(src, st, d, p, blocks[:ns]); err != nil {
-			return done, fmt.Errorf("read: %w", err)
-		}
+	var copied int64
+	return walkData(src, st, size, xfer, func(d uint64, p []byte) error {
+		ns := len(p) / SectorSize
 		if srcC != nil {
 			srcC.DecryptSectors(p, p, d)
 		}
@@ -847,7 +825,49 @@ func copySectors(src *Volume, st snapshots.TreeID, srcC *blockcrypt.Cipher, dst 
 			dstC.EncryptSectors(p, p, d)
 		}
 		if err := writeBlocks(dst, dt, d, p, blocks[:ns], fresh[:ns]); err != nil {
-			return done, fmt.Errorf("write: %w", err)
+			return fmt.Errorf("write: %w", err)
+		}
+		copied += int64(len(p))
+		if testCopyHook != nil {
+			return testCopyHook(copied)
+		}
+		return nil
+	})
+}
+
+// walkData reads the written sectors of tree t within its first size bytes,
+// in runs of at most copyChunk sectors, and hands each run to fn as stored
+// (ciphertext for an encrypted tree); holes are skipped. It reports progress
+// and honours cancellation through xfer, and returns the bytes walked.
+func walkData(v *Volume, t snapshots.TreeID, size int64, xfer *Transfer, fn func(first uint64, p []byte) error) (int64, error) {
+	nsec := uint64(size / SectorSize)
+	total := int64(v.st.Mapped(t)) * SectorSize
+	buf := make([]byte, maxChunk)
+	blocks := make([]uint64, copyChunk)
+	var done int64
+	if xfer.Progress != nil {
+		xfer.Progress(0, total)
+	}
+	for s := uint64(0); s < nsec; {
+		d, ok, err := v.st.SeekData(t, s)
+		if err != nil {
+			return done, err
+		}
+		if !ok || d >= nsec {
+			break
+		}
+		h, err := v.st.SeekHole(t, d)
+		if err != nil {
+			return done, err
+		}
+		end := min(h, nsec, d+copyChunk)
+		ns := int(end - d)
+		p := buf[:ns*SectorSize]
+		if err := readBlocks(v, t, d, p, blocks[:ns]); err != nil {
+			return done, fmt.Errorf("read: %w", err)
+		}
+		if err := fn(d, p); err != nil {
+			return done, err
 		}
 		done += int64(len(p))
 		if xfer.Progress != nil {
@@ -855,11 +875,6 @@ func copySectors(src *Volume, st snapshots.TreeID, srcC *blockcrypt.Cipher, dst 
 		}
 		if xfer.canceled() {
 			return done, ErrCanceled
-		}
-		if testCopyHook != nil {
-			if err := testCopyHook(done); err != nil {
-				return done, err
-			}
 		}
 		s = end
 	}
@@ -982,34 +997,10 @@ func (v *Volume) exportTo(f *os.File, r *imageRecord, xfer *Transfer) (int64, er
 	if err := f.Truncate(r.Size); err != nil {
 		return 0, err
 	}
-	t := snapshots.TreeID(r.Tree)
-	nsec := uint64(r.Size / SectorSize)
-	total := int64(v.st.Mapped(t)) * SectorSize
-	buf := make([]byte, maxChunk)
-	blocks := make([]uint64, copyChunk)
-	var done int64
-	if xfer.Progress != nil {
-		xfer.Progress(0, total)
-	}
-	for s := uint64(0); s < nsec; {
-		d, ok, err := v.st.SeekData(t, s)
-		if err != nil {
-			return done, err
-		}
-		if !ok || d >= nsec {
-			break
-		}
-		h, err := v.st.SeekHole(t, d)
-		if err != nil {
-			return done, err
-		}
-		end := min(h, nsec, d+copyChunk)
-		ns := int(end - d)
-		p := buf[:ns*SectorSize]
-		if err := readBlocks(v, t, d, p, blocks[:ns]); err != nil {
-			return done, err
-		}
+	// Export is refused for encrypted images: the stored sectors are plaintext.
+	return walkData(v, snapshots.TreeID(r.Tree), r.Size, xfer, func(d uint64, p []byte) error {
 		// Write only sectors holding something: zeros stay holes.
+		ns := len(p) / SectorSize
 		for i := 0; i < ns; {
 			if allZero(p[i*SectorSize : (i+1)*SectorSize]) {
 				i++
@@ -1020,18 +1011,10 @@ func (v *Volume) exportTo(f *os.File, r *imageRecord, xfer *Transfer) (int64, er
 				j++
 			}
 			if _, err := f.WriteAt(p[i*SectorSize:j*SectorSize], int64(d+uint64(i))*SectorSize); err != nil {
-				return done, err
+				return err
 			}
 			i = j
 		}
-		done += int64(len(p))
-		if xfer.Progress != nil {
-			xfer.Progress(done, total)
-		}
-		if xfer.canceled() {
-			return done, ErrCanceled
-		}
-		s = end
-	}
-	return done, nil
+		return nil
+	})
 }
