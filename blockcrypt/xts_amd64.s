@@ -39,7 +39,7 @@ DATA xtsLaneShiftR<>+56(SB)/8, $0x000000000000003d
 GLOBL xtsLaneShiftR<>(SB), RODATA|NOPTR, $64
 
 // func xtsEncVAES512(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
-// Requires: AES, AVX, AVX512BW, AVX512F, SSE2
+// Requires: AES, AVX, AVX512BW, AVX512F, MMX+, SSE2
 TEXT ·xtsEncVAES512(SB), NOSPLIT, $0-72
 	MOVQ k1+0(FP), AX
 	MOVQ k2+8(FP), BX
@@ -156,6 +156,14 @@ xtsEncVAES512_loop32:
 	VPTERNLOGD  $0x96, Z16, Z14, Z6
 	VMOVDQU64   448(SI), Z7
 	VPTERNLOGD  $0x96, Z16, Z15, Z7
+	PREFETCHT0  4096(SI)
+	PREFETCHT0  4160(SI)
+	PREFETCHT0  4224(SI)
+	PREFETCHT0  4288(SI)
+	PREFETCHT0  4352(SI)
+	PREFETCHT0  4416(SI)
+	PREFETCHT0  4480(SI)
+	PREFETCHT0  4544(SI)
 	VAESENC     Z17, Z0, Z0
 	VAESENC     Z17, Z1, Z1
 	VAESENC     Z17, Z2, Z2
@@ -423,7 +431,7 @@ xtsEncVAES512_done:
 	RET
 
 // func xtsDecVAES512(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
-// Requires: AES, AVX, AVX512BW, AVX512F, SSE2
+// Requires: AES, AVX, AVX512BW, AVX512F, MMX+, SSE2
 TEXT ·xtsDecVAES512(SB), NOSPLIT, $0-72
 	MOVQ k1+0(FP), AX
 	MOVQ k2+8(FP), BX
@@ -540,6 +548,14 @@ xtsDecVAES512_loop32:
 	VPTERNLOGD  $0x96, Z16, Z14, Z6
 	VMOVDQU64   448(SI), Z7
 	VPTERNLOGD  $0x96, Z16, Z15, Z7
+	PREFETCHT0  4096(SI)
+	PREFETCHT0  4160(SI)
+	PREFETCHT0  4224(SI)
+	PREFETCHT0  4288(SI)
+	PREFETCHT0  4352(SI)
+	PREFETCHT0  4416(SI)
+	PREFETCHT0  4480(SI)
+	PREFETCHT0  4544(SI)
 	VAESDEC     Z17, Z0, Z0
 	VAESDEC     Z17, Z1, Z1
 	VAESDEC     Z17, Z2, Z2
@@ -807,7 +823,7 @@ xtsDecVAES512_done:
 	RET
 
 // func xtsEncAESNI(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
-// Requires: AES, AVX, PCLMULQDQ, SSE2
+// Requires: AES, AVX, MMX+, PCLMULQDQ, SSE2
 TEXT ·xtsEncAESNI(SB), NOSPLIT, $0-72
 	MOVQ k1+0(FP), AX
 	MOVQ k2+8(FP), BX
@@ -890,6 +906,8 @@ xtsEncAESNI_loop8:
 	VPXOR       (AX), X6, X6
 	VPXOR       112(SI), X15, X7
 	VPXOR       (AX), X7, X7
+	PREFETCHT0  4096(SI)
+	PREFETCHT0  4160(SI)
 	VAESENC     16(AX), X0, X0
 	VAESENC     16(AX), X1, X1
 	VAESENC     16(AX), X2, X2
@@ -1111,7 +1129,7 @@ xtsEncAESNI_done:
 	RET
 
 // func xtsDecAESNI(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
-// Requires: AES, AVX, PCLMULQDQ, SSE2
+// Requires: AES, AVX, MMX+, PCLMULQDQ, SSE2
 TEXT ·xtsDecAESNI(SB), NOSPLIT, $0-72
 	MOVQ k1+0(FP), AX
 	MOVQ k2+8(FP), BX
@@ -1194,6 +1212,8 @@ xtsDecAESNI_loop8:
 	VPXOR       (AX), X6, X6
 	VPXOR       112(SI), X15, X7
 	VPXOR       (AX), X7, X7
+	PREFETCHT0  4096(SI)
+	PREFETCHT0  4160(SI)
 	VAESDEC     16(AX), X0, X0
 	VAESDEC     16(AX), X1, X1
 	VAESDEC     16(AX), X2, X2
