@@ -52,4 +52,12 @@
 // Block n lives at byte offset n*4096 of the pool file; block 0 is the pool
 // header (magic "ENCDISK-POOL", format version). Free blocks are punched out
 // (FALLOC_FL_PUNCH_HOLE), so deleting data gives space back to the host.
+//
+// Callers read blocks with a pread of the pool, or, for runs of blocks that
+// are in the host's page cache, with ReadMapped, which hands them the page
+// cache's own bytes through a shared read-only mapping so that decrypting
+// them is the only pass over the data. The mappings are windows of 64 MiB,
+// at most 128 of them, unlocked (the daemon's mlockall must not pin the
+// page cache) and guarded: a page that cannot be read faults, and the
+// caller falls back to the pread, which reports the error.
 package snapshots

@@ -77,6 +77,7 @@ type extent struct{ start, n uint64 }
 type Store struct {
 	db   *bolt.DB
 	pool *os.File
+	pmap *poolMap // the pool read through mappings (ReadMapped)
 
 	commitMu sync.Mutex   // one commit at a time
 	group    groupCommit  // Sync's group commit
@@ -193,6 +194,7 @@ func Open(db *bolt.DB, poolPath string) (*Store, error) {
 		return nil, err
 	}
 	s.keepMetaRoom()
+	s.pmap = newPoolMap(int(f.Fd()))
 	return s, nil
 }
 
@@ -303,6 +305,7 @@ func (s *Store) punch(e extent) error {
 
 // Close closes the pool file. The caller commits first and closes the db.
 func (s *Store) Close() error {
+	s.pmap.close()
 	return s.pool.Close()
 }
 
