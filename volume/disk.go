@@ -169,6 +169,20 @@ func (h *Disk) readSectors(p []byte, first uint64, sc *scratch) error {
 			j++
 		}
 		seg := p[i*SectorSize : j*SectorSize]
+		sector := first + uint64(i)
+		// Data in the host's page cache is decrypted (or copied) from it
+		// in one pass; a pread would copy it out first. See
+		// snapshots.Store.ReadMapped.
+		if st.ReadMapped(blocks[i], j-i, func(src []byte) {
+			if h.cipher != nil {
+				h.cipher.DecryptSectors(seg, src, sector)
+			} else {
+				copy(seg, src)
+			}
+		}) {
+			i = j
+			continue
+		}
 		if k, err := st.Pool().ReadAt(seg, snapshots.BlockOffset(blocks[i])); err != nil {
 			if err == io.EOF && k < len(seg) {
 				err = snapshots.ErrShortPool
@@ -176,7 +190,7 @@ func (h *Disk) readSectors(p []byte, first uint64, sc *scratch) error {
 			return h.ioErr("read", err)
 		}
 		if h.cipher != nil {
-			h.cipher.DecryptSectors(seg, seg, first+uint64(i))
+			h.cipher.DecryptSectors(seg, seg, sector)
 		}
 		i = j
 	}

@@ -95,6 +95,41 @@ func dumpable(t *testing.T, pid int) bool {
 	return st.Gid == nobody
 }
 
+// mappingOf sums the Rss and Locked fields (kB) of the mappings of path in
+// /proc/PID/smaps.
+func mappingOf(t *testing.T, pid int, path string) (rss, locked int) {
+	t.Helper()
+	if r, err := filepath.EvalSymlinks(path); err == nil {
+		path = r
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/smaps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := false
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if !strings.HasSuffix(f[0], ":") { // a mapping's header line
+			in = len(f) >= 6 && f[5] == path
+			continue
+		}
+		if !in || len(f) < 2 {
+			continue
+		}
+		n, _ := strconv.Atoi(f[1])
+		switch f[0] {
+		case "Rss:":
+			rss += n
+		case "Locked:":
+			locked += n
+		}
+	}
+	return rss, locked
+}
+
 func procStatus(t *testing.T, pid int, field string) string {
 	t.Helper()
 	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/status")
@@ -238,6 +273,22 @@ func TestKeyHygiene(t *testing.T) {
 	tr.run("disk", "show", e.vol, "secret", "--json")
 	tr.run("snapshot", "list", e.vol, "--json")
 	tr.run("key", "list", "--keystore", e.kms, "--json")
+
+	// The reads above decrypted straight from the pool's page cache
+	// through a mapping (snapshots.Store.ReadMapped). mlockall must not
+	// have pinned that page cache: the pool mappings are unlocked. The
+	// daemon's own memory, where the keys live, still is locked.
+	pool := filepath.Join(e.vol, "data", "pool")
+	mapped, locked := mappingOf(t, pid, pool)
+	if mapped == 0 {
+		t.Errorf("the daemon has no mapping of %s with pages in it after reads through the mount", pool)
+	}
+	if locked != 0 {
+		t.Errorf("%d kB of the daemon's mappings of %s are locked in memory (of %d kB mapped)", locked, pool, mapped)
+	}
+	if lck, anon := kb("VmLck"), kb("RssAnon"); lck < anon {
+		t.Errorf("the mount daemon's memory is not locked after I/O: VmLck %d kB < RssAnon %d kB", lck, anon)
+	}
 
 	// Only the owner reaches the control socket: as nobody, with the
 	// volume directory opened up so that only the socket's mode is in the
