@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"github.com/encdisk/encdisk/control"
 	"github.com/encdisk/encdisk/fs"
 	"github.com/encdisk/encdisk/keystore"
@@ -57,6 +58,7 @@ func mountCommand() *cli.Command {
 			&cli.BoolFlag{Name: "foreground", Usage: "stay in the foreground (log to stderr) until unmounted"},
 			&cli.BoolFlag{Name: "allow-other", Usage: "let users other than root use the mount (file permissions apply)"},
 			&cli.BoolFlag{Name: "debug-fuse", Usage: "log every FUSE request (very verbose)"},
+			&cli.StringFlag{Name: "write-behind", Value: defaultWriteBehind, Usage: "a write of at least `SIZE` starts going to storage at once instead of waiting in the page cache for fsync (0: off)"},
 			&cli.BoolFlag{Name: "daemon-child", Hidden: true},
 		},
 		Action: runMount,
@@ -107,6 +109,33 @@ type mountArgs struct {
 	absVol, absMP string
 	allowOther    bool
 	debug         bool
+	writeBehind   int // bytes; 0 off
+}
+
+// defaultWriteBehind is --write-behind's default: the writes of a file
+// system's writeback and of sequential I/O, not the 4 KiB writes of random
+// I/O, which the page cache is there to absorb.
+const defaultWriteBehind = "256KiB"
+
+// maxRequest is the largest write the mount receives (fs.Options.MaxWrite).
+const maxRequest = 1 << 20
+
+// parseWriteBehind reads --write-behind: a size up to the largest request,
+// or 0 / off.
+func parseWriteBehind(s string) (int, error) {
+	s = strings.TrimSpace(s)
+	if s == "0" || strings.EqualFold(s, "off") {
+		return 0, nil
+	}
+	n, err := humanize.ParseBytes(s)
+	if err != nil || strings.HasPrefix(s, "-") {
+		return 0, withHint(usageErrorf("--write-behind %q: not a size", s), "write a size like 256KiB or 1MiB, or 0 to turn write-behind off")
+	}
+	if n > maxRequest {
+		return 0, withHint(usageErrorf("--write-behind %s: no write through the mount is larger than %s, so this would never start writeback", s, humanSize(maxRequest)),
+			"use at most 1MiB, or 0 to turn write-behind off")
+	}
+	return int(n), nil
 }
 
 func runMount(c *cli.Context) error {
@@ -115,6 +144,9 @@ func runMount(c *cli.Context) error {
 	}
 	a := mountArgs{vol: c.Args().Get(0), mp: c.Args().Get(1), allowOther: c.Bool("allow-other"), debug: c.Bool("debug-fuse")}
 	var err error
+	if a.writeBehind, err = parseWriteBehind(c.String("write-behind")); err != nil {
+		return err
+	}
 	if a.absVol, err = filepath.Abs(a.vol); err != nil {
 		return err
 	}
@@ -231,6 +263,7 @@ func spawnDaemon(c *cli.Context, a mountArgs, sec *daemonSecret) error {
 	if a.debug {
 		args = append(args, "--debug-fuse")
 	}
+	args = append(args, "--write-behind", strconv.Itoa(a.writeBehind))
 	args = append(args, "--", a.absVol, a.absMP)
 	cmd := exec.Command(exe, args...)
 	cmd.Args[0] = "encdisk"
@@ -371,6 +404,11 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	logger := log.New(os.Stderr, "", log.LstdFlags)
 	lockMemory(logger)
 	logger.Printf("mount %s at %s (pid %d)", a.absVol, a.absMP, os.Getpid())
+	if a.writeBehind > 0 {
+		logger.Printf("write-behind: writes of %s or more start going to storage at once", humanSize(int64(a.writeBehind)))
+	} else {
+		logger.Printf("write-behind: off")
+	}
 	defer startCPUProfile(logger)()
 	limitMemory()
 
@@ -399,7 +437,7 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	var v *volume.Volume
 	for try := 0; ; try++ {
 		mountWarnings = nil
-		v, err = volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: openLogf, Billing: billingFromFile(sec.Config)})
+		v, err = volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: openLogf, Billing: billingFromFile(sec.Config), WriteBehind: a.writeBehind})
 		// A command working on the unmounted volume holds it briefly.
 		if !errors.Is(err, volume.ErrLocked) || try >= 15 {
 			break

@@ -86,6 +86,14 @@ type OpenOptions struct {
 	// table, read for each billed operation (so a top-up counts at once).
 	// Nil: everything is free and there is no balance.
 	Billing func() (*Billing, error)
+	// WriteBehind: a write of at least this many bytes (of whole sectors,
+	// in one request) starts writing its blocks back to storage as soon as
+	// it returns, instead of leaving them dirty in the host's page cache
+	// until the next fsync or the kernel's writeback. Large writes then
+	// stream to storage while the guest goes on writing, and its fsync has
+	// little left to flush. Durability is unchanged: only Sync is a
+	// barrier. Zero: off (the kernel's writeback alone).
+	WriteBehind int
 }
 
 // CreateDiskOptions are the arguments of CreateDisk (SPEC section 7).

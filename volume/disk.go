@@ -23,6 +23,10 @@ type Disk struct {
 	writable bool
 }
 
+// startWriteback is snapshots.Store.StartWriteback; a test replaces it to
+// see which blocks a write hands to write-behind.
+var startWriteback = (*snapshots.Store).StartWriteback
+
 // maxChunk bounds the scratch memory one request uses.
 const maxChunk = 1 << 20
 
@@ -303,6 +307,11 @@ func (h *Disk) writeSectors(p []byte, first uint64, sc *scratch) error {
 		if _, err := st.Pool().WriteAt(seg, snapshots.BlockOffset(blocks[i])); err != nil {
 			st.Abort(blocks, fresh)
 			return h.ioErr("write", err)
+		}
+		if wb := h.v.opts.WriteBehind; wb > 0 && len(p) >= wb {
+			// Advice only: a failure leaves the data to the next Sync,
+			// which reports any real error.
+			_ = startWriteback(st, blocks[i], j-i)
 		}
 		i = j
 	}

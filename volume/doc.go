@@ -32,6 +32,15 @@
 // commits the block store. Writes to a block only this disk can see go in
 // place; others go to new blocks published after the write.
 //
+// Each request costs one pass over its data on top of the kernel's copies.
+// A read of blocks that are in the host's page cache decrypts them straight
+// from it (snapshots.Store.ReadMapped); an unencrypted disk copies from it
+// instead, so the two differ only by the decryption. Blocks not in memory
+// are read with pread (which reads ahead) and decrypted in place. A write is
+// encrypted into a scratch buffer and written with pwrite; a write of at
+// least OpenOptions.WriteBehind bytes then starts its blocks' writeback at
+// once, so that large writes stream to storage instead of waiting for fsync.
+//
 // # Rules
 //
 // The seed's rules are enforced here, each refusal wrapping ErrRule or a more

@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -19,6 +20,7 @@ import (
 	"testing"
 	"unsafe"
 
+	"github.com/encdisk/encdisk/snapshots"
 	"golang.org/x/sys/unix"
 )
 
@@ -490,4 +492,91 @@ func TestConcurrentIO(t *testing.T) {
 		}(g)
 	}
 	wg.Wait()
+}
+
+// TestWriteBehind checks which writes start writeback, and of what: every
+// run of contiguous pool blocks of a write of at least OpenOptions.
+// WriteBehind bytes, nothing for smaller writes or with the option off.
+func TestWriteBehind(t *testing.T) {
+	type run struct {
+		b uint64
+		n int
+	}
+	var calls []run
+	real := startWriteback
+	startWriteback = func(st *snapshots.Store, b uint64, n int) error {
+		calls = append(calls, run{b, n})
+		if err := real(st, b, n); err != nil {
+			t.Errorf("StartWriteback(%d, %d): %v", b, n, err)
+		}
+		return nil
+	}
+	t.Cleanup(func() { startWriteback = real })
+
+	tv := newTestVol(t, true)
+	reopen := func(wb int) {
+		t.Helper()
+		if err := tv.v.Close(); err != nil {
+			t.Fatal(err)
+		}
+		v, err := Open(tv.dir, OpenOptions{KMS: func() (KMS, error) { return tv.kms, nil }, Daemon: true, WriteBehind: wb})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tv.v = v
+	}
+	reopen(256 << 10)
+	for _, name := range []string{"a", "b"} {
+		if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: name, Size: 64 << 20, Encrypted: name == "a"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	open := func(name string) *Disk {
+		h, err := tv.v.OpenDisk(name, true, "test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	a, b := open("a"), open("b")
+	block := func(h *Disk, sector uint64) uint64 {
+		out := make([]uint64, 1)
+		if err := tv.v.st.Lookup(h.tree, sector, out); err != nil || out[0] == 0 {
+			t.Fatalf("sector %d: block %d, %v", sector, out[0], err)
+		}
+		return out[0]
+	}
+	// write writes n bytes at off and returns the runs handed to
+	// write-behind.
+	write := func(h *Disk, off, n int64) []run {
+		t.Helper()
+		calls = nil
+		if _, err := h.WriteAt(bytes.Repeat([]byte{7}, int(n)), off); err != nil {
+			t.Fatal(err)
+		}
+		return calls
+	}
+	check := func(what string, got []run, want ...run) {
+		t.Helper()
+		if !slices.Equal(got, want) {
+			t.Errorf("%s: writeback of %v, want %v", what, got, want)
+		}
+	}
+	got := write(a, 0, 1<<20)
+	check("1 MiB write of new blocks", got, run{block(a, 0), 256})
+	check("128 KiB write, below the threshold", write(a, 4<<20, 128<<10))
+	got = write(b, 0, 256<<10) // b's blocks come next in the pool
+	check("256 KiB write to b", got, run{block(b, 0), 64})
+	got = write(a, 1<<20, 256<<10)
+	check("256 KiB write", got, run{block(a, 256), 64})
+	// Sectors 192-255 and 256-319 of a are two runs of blocks, with b's
+	// between them: an overwrite across both starts writeback of each.
+	check("512 KiB overwrite across two runs", write(a, 768<<10, 512<<10), run{block(a, 192), 64}, run{block(a, 256), 64})
+	a.Close()
+	b.Close()
+
+	reopen(0)
+	a = open("a")
+	defer a.Close()
+	check("1 MiB write with write-behind off", write(a, 0, 1<<20))
 }
