@@ -117,9 +117,6 @@ type mountArgs struct {
 // I/O, which the page cache is there to absorb.
 const defaultWriteBehind = "256KiB"
 
-// maxRequest is the largest write the mount receives (fs.Options.MaxWrite).
-const maxRequest = 1 << 20
-
 // parseWriteBehind reads --write-behind: a size up to the largest request,
 // or 0 / off.
 func parseWriteBehind(s string) (int, error) {
@@ -131,8 +128,8 @@ func parseWriteBehind(s string) (int, error) {
 	if err != nil || strings.HasPrefix(s, "-") {
 		return 0, withHint(usageErrorf("--write-behind %q: not a size", s), "write a size like 256KiB or 1MiB, or 0 to turn write-behind off")
 	}
-	if n > maxRequest {
-		return 0, withHint(usageErrorf("--write-behind %s: no write through the mount is larger than %s, so this would never start writeback", s, humanSize(maxRequest)),
+	if n > fs.DefaultMaxWrite {
+		return 0, withHint(usageErrorf("--write-behind %s: no write through the mount is larger than %s, so this would never start writeback", s, humanSize(fs.DefaultMaxWrite)),
 			"use at most 1MiB, or 0 to turn write-behind off")
 	}
 	return int(n), nil

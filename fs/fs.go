@@ -120,8 +120,11 @@ type Options struct {
 	Logger *log.Logger
 }
 
+// DefaultMaxWrite is the largest read or write request the kernel sends
+// when Options.MaxWrite is zero: 1 MiB, the kernel's own limit.
+const DefaultMaxWrite = 1 << 20
+
 const (
-	defaultMaxWrite      = 1 << 20
 	defaultMaxBackground = 64
 	blockSize            = 4096
 	snapshotsDir         = ".snapshots"
@@ -144,7 +147,7 @@ func Mount(mountpoint string, b Backend, o Options) (*Server, error) {
 		o.Logger = log.Default()
 	}
 	if o.MaxWrite <= 0 {
-		o.MaxWrite = defaultMaxWrite
+		o.MaxWrite = DefaultMaxWrite
 	}
 	if o.MaxReadAhead <= 0 {
 		o.MaxReadAhead = o.MaxWrite

@@ -58,14 +58,10 @@ type poolMap struct {
 	tick   uint64
 	off    bool // the file cannot be mapped: pread only
 	closed bool
-
-	vecs sync.Pool // *[maxMappedRun]byte, mincore's answer
 }
 
 func newPoolMap(fd int) *poolMap {
-	pm := &poolMap{fd: fd, wins: map[uint64]*window{}}
-	pm.vecs.New = func() any { return new([maxMappedRun]byte) }
-	return pm
+	return &poolMap{fd: fd, wins: map[uint64]*window{}}
 }
 
 // acquire returns window idx with a reference for the caller, mapping it
@@ -167,8 +163,7 @@ func (s *Store) ReadMapped(b uint64, n int, f func(src []byte)) bool {
 	}
 	defer pm.release(w)
 	src := w.mem[in:end:end]
-	vec := pm.vecs.Get().(*[maxMappedRun]byte)
-	defer pm.vecs.Put(vec)
+	var vec [maxMappedRun]byte // mincore's answer, on the stack
 	if mincore(src, vec[:n]) != nil {
 		return false
 	}
