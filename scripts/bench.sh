@@ -13,12 +13,16 @@
 #   raw      a file on the backing file system (the storage ceiling)
 # and ext4 on a loop device (--direct-io=on) on enc, plain and raw, with the
 # same jobs on a file inside it. Then openssl speed against the blockcrypt
-# benchmark, and the daemon's peak RSS (VmHWM).
+# benchmark, and the daemon's memory: peak anonymous RSS (its own), peak
+# file-backed RSS (the pool's page cache it maps for reads) and VmHWM.
 #
-# Jobs (fio, direct=1): seqwrite and seqread 1 MiB at queue depth 4
-# (libaio), randread and randwrite 4 KiB at depth 8 in 2 jobs, and fsync
-# 4k: random 4 KiB writes each followed by fsync in 4 psync jobs (a
-# database's pattern; what the group commit serves).
+# Jobs (fio, direct=1): seqwrite 1 MiB at queue depth 4 (libaio) over the
+# file, made durable at the end (end_fsync); seqread 1 MiB at depth 4, over
+# and over the file for RUNTIME seconds (a 1 GiB read from the page cache
+# takes a quarter of a second, too short to measure); randread and
+# randwrite 4 KiB at depth 8 in 2 jobs, and fsync 4k: random 4 KiB writes
+# each followed by fsync in 4 psync jobs (a database's pattern; what the
+# group commit serves).
 #
 # Each file is first filled once (the "first write" row: new blocks, one
 # sample); the rounds then overwrite and read it. Reads come from the host's
@@ -28,7 +32,7 @@
 # file system, the storage ceiling.
 #
 # Knobs (environment): ROUNDS=3 rounds, SIZE=1G per file, RUNTIME=8 seconds
-# per random or fsync job (sequential jobs stop after SIZE or 15 s),
+# per seqread, random or fsync job (seqwrite stops after SIZE or 15 s),
 # PEERS_RANDOM=1 also runs the random and fsync jobs on gocryptfs and
 # qemu-luks, DROP_CACHES=1 drops the page cache before every read job (cold
 # reads), CPUPROFILE=FILE writes a CPU profile of the encdisk daemon
@@ -105,6 +109,20 @@ ENCDISK_CPUPROFILE=${CPUPROFILE:-} "$work/encdisk" mount "$work/vol" "$work/mnt"
 daemon_pid=$!
 for _ in $(seq 100); do [ -e "$work/mnt/enc" ] && break; sleep 0.1; done
 [ -e "$work/mnt/enc" ] || { echo "bench: the encdisk mount did not come up:" >&2; cat "$work/daemon.log" >&2; exit 1; }
+# The daemon's memory, sampled every 0.2 s: peak anonymous RSS (its heap,
+# stacks, buffers: what is its own) and peak file-backed RSS (the pool's
+# page cache it maps to decrypt reads from: shared, clean, reclaimable).
+# VmHWM counts both, so it alone would overstate the daemon's memory.
+(
+	anon=0 file=0
+	while [ -e /proc/"$daemon_pid" ]; do
+		read -r a f < <(awk '/^RssAnon/ {a=$2} /^RssFile/ {f=$2} END {print a+0, f+0}' /proc/"$daemon_pid"/status 2>/dev/null || echo "0 0")
+		[ "${a:-0}" -gt "$anon" ] && anon=$a
+		[ "${f:-0}" -gt "$file" ] && file=$f
+		echo "$anon $file" >"$work/mem.peak"
+		sleep 0.2
+	done
+) &
 
 gocryptfs -init -q -passfile "$work/pw" "$work/gcfs.cipher" >/dev/null
 gocryptfs -q -passfile "$work/pw" "$work/gcfs.cipher" "$work/gcfs" 2>>"$work/gocryptfs.log"
@@ -154,7 +172,7 @@ runjob() { # round target job
 	case $job in
 	seqwrite) args+=(--rw=write --bs=1M --iodepth=4 --runtime=15 --end_fsync=1) field=48 ;;
 	fill) args+=(--rw=write --bs=1M --iodepth=4 --end_fsync=1) field=48 ;;
-	seqread) args+=(--rw=read --bs=1M --iodepth=4 --runtime=15) field=7 ;;
+	seqread) args+=(--rw=read --bs=1M --iodepth=4 --runtime="$RUNTIME" --time_based) field=7 ;;
 	randread) args+=(--rw=randread --bs=4k --iodepth=8 --numjobs=2 --group_reporting --runtime="$RUNTIME" --time_based) field=7 ;;
 	randwrite) args+=(--rw=randwrite --bs=4k --iodepth=8 --numjobs=2 --group_reporting --runtime="$RUNTIME" --time_based) field=48 ;;
 	fsyncwrite) args+=(--rw=randwrite --bs=4k --ioengine=psync --numjobs=4 --fsync=1 --group_reporting --runtime="$RUNTIME" --time_based) field=48 ;;
@@ -169,9 +187,9 @@ runjob() { # round target job
 	awk -F';' -v r="$round" -v t="$target" -v j="$job" -v c="$field" \
 		'{printf "%s\t%s\t%s\t%.1f\n", r, t, j, $c*1024/1e6}' "$work/fio.out" >>"$results"
 	local rss
-	rss=$(awk '/VmRSS/ {print int($2/1024)}' /proc/"$daemon_pid"/status)
+	rss=$(awk '/RssAnon/ {print int($2/1024)}' /proc/"$daemon_pid"/status)
 	printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$job" "$rss" >>"$work/rss.tsv"
-	printf '  round %s %-10s %-10s %8s MB/s  (daemon RSS %s MiB)\n' "$round" "$target" "$job" "$(tail -1 "$results" | cut -f4)" "$rss"
+	printf '  round %s %-10s %-10s %8s MB/s  (daemon anonymous RSS %s MiB)\n' "$round" "$target" "$job" "$(tail -1 "$results" | cut -f4)" "$rss"
 }
 
 file_targets=(enc plain gocryptfs qemu-luks raw)
@@ -200,6 +218,8 @@ done
 
 hwm=$(awk '/VmHWM/ {print $2}' /proc/"$daemon_pid"/status)
 rss=$(awk '/VmRSS/ {print $2}' /proc/"$daemon_pid"/status)
+anon_end=$(awk '/RssAnon/ {print $2}' /proc/"$daemon_pid"/status)
+read -r anon_peak file_peak <"$work/mem.peak" || anon_peak=0 file_peak=0
 
 # --- the engine --------------------------------------------------------------
 echo "bench: openssl speed against the blockcrypt benchmark"
@@ -230,7 +250,7 @@ pratio() {
 	echo
 	echo "encdisk benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) vCPUs, Linux $(uname -r)"
 	echo "MB/s: median of $ROUNDS rounds (first write: one run); ratios: median of the ratios within each round"
-	echo "(fio direct=1, libaio; seq 1 MiB QD4 over $SIZE, random 4 KiB QD8 x 2 jobs for ${RUNTIME} s;"
+	echo "(fio direct=1, libaio; seqwrite 1 MiB QD4 over $SIZE + fsync, seqread 1 MiB QD4 for ${RUNTIME} s, random 4 KiB QD8 x 2 jobs for ${RUNTIME} s;"
 	echo " fsync 4k: random 4 KiB writes, each followed by fsync, 4 psync jobs; DROP_CACHES=$DROP_CACHES)"
 	echo
 	printf '%-10s %-11s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' where job enc plain gocryptfs qemu-luks raw enc/plain enc/gcfs enc/qemu enc/raw
@@ -249,6 +269,7 @@ pratio() {
 	m=$(awk -F'\t' '$2=="blockcrypt-min" {print $3}' "$eng" | median)
 	echo
 	echo "engine, 4 KiB sectors, one core: openssl speed -evp aes-256-xts $o MB/s; blockcrypt $b MB/s (mean, $(ratio "$b" "$o")x), $m MB/s (fastest call, $(ratio "$m" "$o")x)"
-	echo "encdisk daemon: peak RSS (VmHWM) $((hwm / 1024)) MiB, RSS at the end $((rss / 1024)) MiB; highest RSS seen after a job: $(sort -t$'\t' -k4,4n "$work/rss.tsv" | tail -1 | awk -F'\t' '{printf "%s MiB after %s on %s", $4, $3, $2}')"
+	echo "encdisk daemon: peak anonymous RSS $((anon_peak / 1024)) MiB (its own memory; $((anon_end / 1024)) MiB at the end, highest after a job: $(sort -t$'\t' -k4,4n "$work/rss.tsv" | tail -1 | awk -F'\t' '{printf "%s MiB after %s on %s", $4, $3, $2}'));"
+	echo "  peak file-backed RSS $((file_peak / 1024)) MiB (the pool's page cache mapped for reads: shared, reclaimable); VmHWM $((hwm / 1024)) MiB, VmRSS at the end $((rss / 1024)) MiB"
 	echo "raw figures: $results, $eng"
 } | tee "$work/table.txt"
