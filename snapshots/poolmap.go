@@ -5,6 +5,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -26,7 +27,18 @@ import (
 // daemon maps (and the page tables behind it) whatever the pool's size.
 // Mapped pages show in the process's RSS as file pages (RssFile): they are
 // the page cache's, shared, clean and reclaimable, not the daemon's memory.
+//
+// A window unused for idleSweeps sweeps (about five seconds) is unmapped.
+// The kernel's reclaim takes pages from mappings when memory is short, but
+// drop_caches and FADV_DONTNEED leave mapped pages alone: without the sweep
+// the pool's page cache would stay pinned to the daemon's windows for as
+// long as it runs, and an idle daemon would show gigabytes of RSS. Mapping
+// a window again costs its page faults (fault-around maps 64 KiB each).
 const (
+	// idleSweeps is how many sweeps a window may go unused before it is
+	// unmapped.
+	idleSweeps = 5
+
 	windowSize = 64 << 20
 	maxWindows = 128 // 8 GiB of address space; at most 16 MiB of page tables
 
@@ -39,11 +51,15 @@ const (
 	maxMappedRun = 256
 )
 
+// sweepEvery is the period of the idle sweep; tests shorten it.
+var sweepEvery = time.Second
+
 // window is one mapping of windowSize bytes of the pool at idx*windowSize.
 type window struct {
-	idx  uint64
-	mem  []byte
-	used uint64 // last use (poolMap.tick), for eviction; under poolMap.mu
+	idx   uint64
+	mem   []byte
+	used  uint64 // last use (poolMap.tick), for eviction; under poolMap.mu
+	epoch uint64 // poolMap.epoch at the last use, for the idle sweep; under poolMap.mu
 	// refs counts the table's reference, while the window is in it, and
 	// one per reader using mem. The last release unmaps it, so a window
 	// evicted while in use stays mapped until its readers are done.
@@ -56,7 +72,9 @@ type poolMap struct {
 	mu     sync.Mutex
 	wins   map[uint64]*window
 	tick   uint64
-	off    bool // the file cannot be mapped: pread only
+	epoch  uint64      // sweeps so far
+	sweep  *time.Timer // armed while windows are mapped
+	off    bool        // the file cannot be mapped: pread only
 	closed bool
 }
 
@@ -96,11 +114,37 @@ func (pm *poolMap) acquire(idx uint64) *window {
 		w = &window{idx: idx, mem: mem}
 		w.refs.Store(1)
 		pm.wins[idx] = w
+		if pm.sweep == nil {
+			pm.sweep = time.AfterFunc(sweepEvery, pm.sweepIdle)
+		}
 	}
 	pm.tick++
 	w.used = pm.tick
+	w.epoch = pm.epoch
 	w.refs.Add(1)
 	return w
+}
+
+// sweepIdle unmaps the windows unused for idleSweeps sweeps, and comes back
+// while any window is left.
+func (pm *poolMap) sweepIdle() {
+	pm.mu.Lock()
+	defer pm.mu.Unlock()
+	if pm.closed {
+		return
+	}
+	pm.epoch++
+	for idx, w := range pm.wins {
+		if pm.epoch-w.epoch >= idleSweeps {
+			delete(pm.wins, idx)
+			pm.release(w)
+		}
+	}
+	if len(pm.wins) == 0 {
+		pm.sweep = nil
+		return
+	}
+	pm.sweep.Reset(sweepEvery)
 }
 
 // evictLocked drops the least recently used window from the table.
@@ -127,6 +171,10 @@ func (pm *poolMap) close() {
 	pm.mu.Lock()
 	defer pm.mu.Unlock()
 	pm.closed = true
+	if pm.sweep != nil {
+		pm.sweep.Stop()
+		pm.sweep = nil
+	}
 	for idx, w := range pm.wins {
 		delete(pm.wins, idx)
 		pm.release(w)

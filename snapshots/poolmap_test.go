@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -255,4 +256,73 @@ func TestPoolMapEviction(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// Windows nobody uses are unmapped by the idle sweep, and the sweep stops
+// once none is left; a window in use stays, and one a reader still holds
+// stays readable until released.
+func TestPoolMapIdleSweep(t *testing.T) {
+	old := sweepEvery
+	sweepEvery = 5 * time.Millisecond
+	t.Cleanup(func() { sweepEvery = old })
+
+	path := filepath.Join(t.TempDir(), "pool")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(3 * windowSize); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("window 2"), 2*windowSize); err != nil {
+		t.Fatal(err)
+	}
+	pm := newPoolMap(int(f.Fd()))
+	defer pm.close()
+	state := func() (map[uint64]bool, bool) {
+		pm.mu.Lock()
+		defer pm.mu.Unlock()
+		in := map[uint64]bool{}
+		for idx := range pm.wins {
+			in[idx] = true
+		}
+		return in, pm.sweep != nil
+	}
+	use := func(idx uint64) {
+		w := pm.acquire(idx)
+		if w == nil {
+			t.Fatalf("window %d: could not map", idx)
+		}
+		pm.release(w)
+	}
+	waitFor := func(what string, cond func() bool, during func()) {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); !cond(); {
+			if time.Now().After(deadline) {
+				t.Fatalf("gave up waiting until %s", what)
+			}
+			during()
+			time.Sleep(time.Millisecond)
+		}
+	}
+
+	use(0)
+	use(1)
+	held := pm.acquire(2)
+	// Window 1 is used all along; 0 and the held 2 are not.
+	waitFor("windows 0 and 2 are swept", func() bool { in, _ := state(); return !in[0] && !in[2] }, func() { use(1) })
+	if in, armed := state(); !in[1] || !armed {
+		t.Fatalf("window 1, in use, was swept too (table %v, sweep armed %v)", in, armed)
+	}
+	if !bytes.HasPrefix(held.mem, []byte("window 2")) {
+		t.Fatal("a window swept while a reader held it lost its mapping")
+	}
+	pm.release(held)
+
+	waitFor("the last window is swept and the sweep stops", func() bool { in, armed := state(); return len(in) == 0 && !armed }, func() {})
+	use(0)
+	if in, armed := state(); !in[0] || !armed {
+		t.Fatalf("after a new use: table %v, sweep armed %v; want window 0 and the sweep running", in, armed)
+	}
 }

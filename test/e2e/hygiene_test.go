@@ -274,10 +274,13 @@ func TestKeyHygiene(t *testing.T) {
 	tr.run("snapshot", "list", e.vol, "--json")
 	tr.run("key", "list", "--keystore", e.kms, "--json")
 
-	// The reads above decrypted straight from the pool's page cache
-	// through a mapping (snapshots.Store.ReadMapped). mlockall must not
-	// have pinned that page cache: the pool mappings are unlocked. The
-	// daemon's own memory, where the keys live, still is locked.
+	// A read of data in the page cache decrypts it straight from there,
+	// through a mapping of the pool (snapshots.Store.ReadMapped).
+	// mlockall must not have pinned that page cache: the pool mappings are
+	// unlocked. The daemon's own memory, where the keys live, still is.
+	if b, err := os.ReadFile(filepath.Join(e.mnt, "secret")); err != nil || !bytes.Contains(b, []byte("hygiene!")) {
+		t.Fatalf("read the disk back: %v", err)
+	}
 	pool := filepath.Join(e.vol, "data", "pool")
 	mapped, locked := mappingOf(t, pid, pool)
 	if mapped == 0 {
@@ -288,6 +291,17 @@ func TestKeyHygiene(t *testing.T) {
 	}
 	if lck, anon := kb("VmLck"), kb("RssAnon"); lck < anon {
 		t.Errorf("the mount daemon's memory is not locked after I/O: VmLck %d kB < RssAnon %d kB", lck, anon)
+	}
+	// Idle, the daemon gives the mappings up (about five seconds), so
+	// that the pool's page cache is plain page cache again.
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		if mapped, _ := mappingOf(t, pid, pool); mapped == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("the daemon still maps %s a minute after the last read", pool)
+			break
+		}
 	}
 
 	// Only the owner reaches the control socket: as nobody, with the
