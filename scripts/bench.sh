@@ -36,7 +36,9 @@
 # PEERS_RANDOM=1 also runs the random and fsync jobs on gocryptfs and
 # qemu-luks, DROP_CACHES=1 drops the page cache before every read job (cold
 # reads), CPUPROFILE=FILE writes a CPU profile of the encdisk daemon
-# (ENCDISK_CPUPROFILE; a heap profile goes to FILE.heap).
+# (ENCDISK_CPUPROFILE; a heap profile goes to FILE.heap), KEEP=1 keeps the
+# images (about 17 GiB) in WORKDIR after the run; by default only the
+# results stay.
 # The default run takes about 10 minutes.
 set -euo pipefail
 export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin
@@ -48,6 +50,7 @@ SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-8}
 PEERS_RANDOM=${PEERS_RANDOM:-0}
 DROP_CACHES=${DROP_CACHES:-0}
+KEEP=${KEEP:-0}
 work=${1:-/var/tmp/encdisk-bench}
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -85,6 +88,11 @@ cleanup() {
 		kill "$daemon_pid" 2>/dev/null
 		wait "$daemon_pid" 2>/dev/null
 	fi
+	# The images take about 17 GiB; the results (table.txt, results.tsv,
+	# engine.tsv, rss.tsv, the logs) stay.
+	if [ "$KEEP" != 1 ] && [ -d "$work" ]; then
+		rm -rf "$work"/{vol,kms,gcfs.cipher,luks.img,export.img,raw.img,raw4.img,encdisk,mnt,gcfs,ext4-enc,ext4-plain,ext4-raw,fio.out,fio.err}
+	fi
 }
 trap cleanup EXIT
 
@@ -94,6 +102,15 @@ if mountpoint -q "$work/mnt" 2>/dev/null || mountpoint -q "$work/gcfs" 2>/dev/nu
 fi
 rm -rf "$work"
 mkdir -p "$work"/{mnt,gcfs,gcfs.cipher,ext4-enc,ext4-plain,ext4-raw}
+# Every target's files are written for real (about 17 GiB with SIZE=1G); a
+# full disk would turn the rest of the run into failed jobs.
+free_kib=$(df -Pk "$work" | awk 'NR==2 {print $4}')
+if [ "$free_kib" -lt $((20 * 1024 * 1024)) ]; then
+	echo "bench: $work has $((free_kib / 1024 / 1024)) GiB free; the run needs about 20 GiB" >&2
+	echo "bench: hint: free some space, or give another directory: bash scripts/bench.sh DIR" >&2
+	rmdir "$work"/* "$work" 2>/dev/null
+	exit 1
+fi
 echo "bench: building encdisk"
 go build -o "$work/encdisk" .
 encdisk() { "$work/encdisk" "$@"; }
