@@ -19,7 +19,8 @@
 # Jobs (fio, direct=1): seqwrite 1 MiB at queue depth 4 (libaio) over the
 # file, made durable at the end (end_fsync); seqread 1 MiB at depth 4, over
 # and over the file for RUNTIME seconds (a 1 GiB read from the page cache
-# takes a quarter of a second, too short to measure); randread and
+# takes a quarter of a second, too short to measure; with DROP_CACHES=1,
+# one pass, the cold read); randread and
 # randwrite 4 KiB at depth 8 in 2 jobs, and fsync 4k: random 4 KiB writes
 # each followed by fsync in 4 psync jobs (a database's pattern; what the
 # group commit serves).
@@ -95,6 +96,9 @@ cleanup() {
 	fi
 }
 trap cleanup EXIT
+# On a signal, exit (after the job running now) so that cleanup runs.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 if mountpoint -q "$work/mnt" 2>/dev/null || mountpoint -q "$work/gcfs" 2>/dev/null; then
 	echo "bench: $work is still mounted from an earlier run; unmount it first" >&2
@@ -189,7 +193,12 @@ runjob() { # round target job
 	case $job in
 	seqwrite) args+=(--rw=write --bs=1M --iodepth=4 --runtime=15 --end_fsync=1) field=48 ;;
 	fill) args+=(--rw=write --bs=1M --iodepth=4 --end_fsync=1) field=48 ;;
-	seqread) args+=(--rw=read --bs=1M --iodepth=4 --runtime="$RUNTIME" --time_based) field=7 ;;
+	seqread)
+		args+=(--rw=read --bs=1M --iodepth=4) field=7
+		# Cold reads are one pass: a second would find the file in the
+		# page cache the first filled.
+		if [ "$DROP_CACHES" = 1 ]; then args+=(--runtime=15); else args+=(--runtime="$RUNTIME" --time_based); fi
+		;;
 	randread) args+=(--rw=randread --bs=4k --iodepth=8 --numjobs=2 --group_reporting --runtime="$RUNTIME" --time_based) field=7 ;;
 	randwrite) args+=(--rw=randwrite --bs=4k --iodepth=8 --numjobs=2 --group_reporting --runtime="$RUNTIME" --time_based) field=48 ;;
 	fsyncwrite) args+=(--rw=randwrite --bs=4k --ioengine=psync --numjobs=4 --fsync=1 --group_reporting --runtime="$RUNTIME" --time_based) field=48 ;;
@@ -252,7 +261,9 @@ for round in $(seq "$ROUNDS"); do
 done
 
 # --- the table ---------------------------------------------------------------
-median() { sort -n | awk '{v[NR]=$1} END {if (NR==0) print "NA"; else if (NR%2) print v[(NR+1)/2]; else printf "%.1f\n", (v[NR/2]+v[NR/2+1])/2}'; }
+# median [FORMAT]: of the numbers on stdin; an even count averages the middle
+# two, printed with FORMAT (default %.1f, for MB/s; ratios pass more digits).
+median() { sort -n | awk -v f="${1:-%.1f}" '{v[NR]=$1} END {if (NR==0) print "NA"; else if (NR%2) print v[(NR+1)/2]; else printf f "\n", (v[NR/2]+v[NR/2+1])/2}'; }
 med() { awk -F'\t' -v t="$1" -v j="$2" '$2==t && $3==j && $4!="NA" {print $4}' "$results" | median; }
 label() { case $1 in fill) echo "first write" ;; fsyncwrite) echo "fsync 4k" ;; *) echo "$1" ;; esac; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a=="NA" || b=="NA" || b==0) print "-"; else printf "%.2f\n", a/b}'; }
@@ -260,7 +271,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a=="NA" || b=="NA" || b==0) print 
 pratio() {
 	awk -F'\t' -v a="$1" -v b="$2" -v j="$3" '$3==j && $4!="NA" {if ($2==a) A[$1]=$4; if ($2==b) B[$1]=$4}
 		END {for (r in A) if ((r in B) && B[r]>0) printf "%.4f\n", A[r]/B[r]}' "$results" |
-		median | awk '{if ($1=="NA") print "-"; else printf "%.2f\n", $1}'
+		median %.4f | awk '{if ($1=="NA") print "-"; else printf "%.2f\n", $1}'
 }
 
 {
