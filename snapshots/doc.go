@@ -60,4 +60,9 @@
 // at most 128 of them, unlocked (the daemon's mlockall must not pin the
 // page cache) and guarded: a page that cannot be read faults, and the
 // caller falls back to the pread, which reports the error.
+//
+// Callers write blocks with a pwrite of the pool, and may then ask for
+// their writeback to start at once rather than at the next Sync
+// (QueueWriteback): one worker goroutine submits it, so that the caller
+// does not wait while the device's queue is full.
 package snapshots

@@ -78,6 +78,7 @@ type Store struct {
 	db   *bolt.DB
 	pool *os.File
 	pmap *poolMap // the pool read through mappings (ReadMapped)
+	wbq  *writebackQueue
 
 	commitMu sync.Mutex   // one commit at a time
 	group    groupCommit  // Sync's group commit
@@ -195,6 +196,7 @@ func Open(db *bolt.DB, poolPath string) (*Store, error) {
 	}
 	s.keepMetaRoom()
 	s.pmap = newPoolMap(int(f.Fd()))
+	s.wbq = newWritebackQueue(int(f.Fd()))
 	return s, nil
 }
 
@@ -306,6 +308,7 @@ func (s *Store) punch(e extent) error {
 // Close closes the pool file. The caller commits first and closes the db.
 func (s *Store) Close() error {
 	s.pmap.close()
+	s.wbq.close()
 	return s.pool.Close()
 }
 
@@ -313,19 +316,17 @@ func (s *Store) Close() error {
 // BlockOffset. Never write a block outside a WritePlan.
 func (s *Store) Pool() *os.File { return s.pool }
 
-// StartWriteback starts writing the n blocks from b (written with pwrite)
-// from the host's page cache to storage, and returns without waiting
-// (sync_file_range SYNC_FILE_RANGE_WRITE). It changes neither the data nor
-// what is durable: only Sync is a barrier. What it buys is that a later
-// Sync finds the data written or on its way instead of flushing it all
-// then, and that large writes do not pile up as dirty memory.
-func (s *Store) StartWriteback(b uint64, n int) error {
-	err := unix.SyncFileRange(int(s.pool.Fd()), BlockOffset(b), int64(n)*BlockSize, unix.SYNC_FILE_RANGE_WRITE)
-	if err != nil {
-		return fmt.Errorf("snapshots: start writeback of blocks %d+%d: %w", b, n, err)
-	}
-	return nil
-}
+// QueueWriteback asks for the n blocks from b (written with pwrite) to go
+// from the host's page cache to storage now rather than at the next Sync,
+// and returns at once: a worker goroutine starts their writeback
+// (sync_file_range SYNC_FILE_RANGE_WRITE) without waiting for it. It
+// changes neither the data nor what is durable: only Sync is a barrier.
+// What it buys is that a later Sync finds the data written or on its way
+// instead of flushing it all then, and that large writes do not pile up as
+// dirty memory. It reports false if it dropped the request because the
+// worker is far behind (storage is the bottleneck then) or the store is
+// closing.
+func (s *Store) QueueWriteback(b uint64, n int) bool { return s.wbq.add(b, n) }
 
 // BlockOffset is the byte offset of physical block b in the pool file.
 func BlockOffset(b uint64) int64 { return int64(b) * BlockSize }

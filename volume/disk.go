@@ -23,9 +23,9 @@ type Disk struct {
 	writable bool
 }
 
-// startWriteback is snapshots.Store.StartWriteback; a test replaces it to
+// queueWriteback is snapshots.Store.QueueWriteback; a test replaces it to
 // see which blocks a write hands to write-behind.
-var startWriteback = (*snapshots.Store).StartWriteback
+var queueWriteback = (*snapshots.Store).QueueWriteback
 
 // maxChunk bounds the scratch memory one request uses.
 const maxChunk = 1 << 20
@@ -309,9 +309,9 @@ func (h *Disk) writeSectors(p []byte, first uint64, sc *scratch) error {
 			return h.ioErr("write", err)
 		}
 		if wb := h.v.opts.WriteBehind; wb > 0 && len(p) >= wb {
-			// Advice only: a failure leaves the data to the next Sync,
-			// which reports any real error.
-			_ = startWriteback(st, blocks[i], j-i)
+			// Advice only: what is dropped or fails is left to the next
+			// Sync, which reports any real error.
+			_ = queueWriteback(st, blocks[i], j-i)
 		}
 		i = j
 	}

@@ -38,8 +38,10 @@
 // instead, so the two differ only by the decryption. Blocks not in memory
 // are read with pread (which reads ahead) and decrypted in place. A write is
 // encrypted into a scratch buffer and written with pwrite; a write of at
-// least OpenOptions.WriteBehind bytes then starts its blocks' writeback at
-// once, so that large writes stream to storage instead of waiting for fsync.
+// least OpenOptions.WriteBehind bytes then queues its blocks for writeback
+// (snapshots.Store.QueueWriteback), so that large writes stream to storage
+// instead of waiting for fsync, and the guest's write does not wait for the
+// writeback to be submitted.
 //
 // # Rules
 //
