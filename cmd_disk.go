@@ -86,18 +86,29 @@ func diskCommand() *cli.Command {
 	}
 }
 
-// parseSize parses a human size into bytes: positive, whole 4 KiB sectors.
-func parseSize(flag, s string) (int64, error) {
+// parseBytes reads the human size s (20GiB, 512MiB, 1TB) given to --flag;
+// hint says what to write instead when s is not a size.
+func parseBytes(flag, s, hint string) (uint64, error) {
 	s = strings.TrimSpace(s)
 	if strings.HasPrefix(s, "-") {
-		return 0, withHint(usageErrorf("--%s %s: a size must be positive", flag, s), "write sizes like 20GiB, 512MiB or 1TB")
+		return 0, withHint(usageErrorf("--%s %s: a size must be positive", flag, s), "%s", hint)
 	}
 	n, err := humanize.ParseBytes(s)
 	if err != nil {
-		return 0, withHint(usageErrorf("--%s %q: not a size", flag, s), "write sizes like 20GiB, 512MiB or 1TB")
+		return 0, withHint(usageErrorf("--%s %q: not a size", flag, s), "%s", hint)
+	}
+	return n, nil
+}
+
+// parseSize parses a human size into bytes: positive, whole 4 KiB sectors.
+func parseSize(flag, s string) (int64, error) {
+	const hint = "write sizes like 20GiB, 512MiB or 1TB"
+	n, err := parseBytes(flag, s, hint)
+	if err != nil {
+		return 0, err
 	}
 	if n == 0 {
-		return 0, withHint(usageErrorf("--%s %s: a size must be positive", flag, s), "write sizes like 20GiB, 512MiB or 1TB")
+		return 0, withHint(usageErrorf("--%s %s: a size must be positive", flag, s), "%s", hint)
 	}
 	if n > 1<<62 {
 		return 0, usageErrorf("--%s %s: too large", flag, s)

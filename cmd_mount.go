@@ -20,7 +20,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/dustin/go-humanize"
 	"github.com/encdisk/encdisk/control"
 	"github.com/encdisk/encdisk/fs"
 	"github.com/encdisk/encdisk/keystore"
@@ -120,13 +119,12 @@ const defaultWriteBehind = "256KiB"
 // parseWriteBehind reads --write-behind: a size up to the largest request,
 // or 0 / off.
 func parseWriteBehind(s string) (int, error) {
-	s = strings.TrimSpace(s)
-	if s == "0" || strings.EqualFold(s, "off") {
+	if strings.EqualFold(strings.TrimSpace(s), "off") {
 		return 0, nil
 	}
-	n, err := humanize.ParseBytes(s)
-	if err != nil || strings.HasPrefix(s, "-") {
-		return 0, withHint(usageErrorf("--write-behind %q: not a size", s), "write a size like 256KiB or 1MiB, or 0 to turn write-behind off")
+	n, err := parseBytes("write-behind", s, "write a size like 256KiB or 1MiB, or 0 to turn write-behind off")
+	if err != nil {
+		return 0, err
 	}
 	if n > fs.DefaultMaxWrite {
 		return 0, withHint(usageErrorf("--write-behind %s: no write through the mount is larger than %s, so this would never start writeback", s, humanSize(fs.DefaultMaxWrite)),

@@ -40,7 +40,7 @@
 # (ENCDISK_CPUPROFILE; a heap profile goes to FILE.heap), KEEP=1 keeps the
 # images (about 17 GiB) in WORKDIR after the run; by default only the
 # results stay.
-# The default run takes about 10 minutes.
+# The default run takes about 13 minutes.
 set -euo pipefail
 export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin
 cd "$(dirname "$0")/.."

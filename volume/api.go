@@ -87,9 +87,10 @@ type OpenOptions struct {
 	// Nil: everything is free and there is no balance.
 	Billing func() (*Billing, error)
 	// WriteBehind: a write of at least this many bytes (of whole sectors,
-	// in one request) starts writing its blocks back to storage as soon as
-	// it returns, instead of leaving them dirty in the host's page cache
-	// until the next fsync or the kernel's writeback. Large writes then
+	// in one request) has its blocks' writeback to storage started as soon
+	// as it returns (snapshots.Store.QueueWriteback), instead of leaving
+	// them dirty in the host's page cache until the next fsync or the
+	// kernel's writeback. Large writes then
 	// stream to storage while the guest goes on writing, and its fsync has
 	// little left to flush. Durability is unchanged: only Sync is a
 	// barrier. Zero: off (the kernel's writeback alone).

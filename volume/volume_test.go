@@ -494,7 +494,7 @@ func TestConcurrentIO(t *testing.T) {
 	wg.Wait()
 }
 
-// TestWriteBehind checks which writes start writeback, and of what: every
+// TestWriteBehind checks which writes queue writeback, and of what: every
 // run of contiguous pool blocks of a write of at least OpenOptions.
 // WriteBehind bytes, nothing for smaller writes or with the option off.
 func TestWriteBehind(t *testing.T) {
