@@ -3,7 +3,7 @@
 # side in one run on this machine, interleaved round by round, medians and
 # ratios in one table at the end.
 #
-#   sudo bash scripts/bench.sh [WORKDIR]     (default /var/tmp/encdisk-bench, removed first)
+#   bash scripts/bench.sh [WORKDIR]     (default /var/tmp/encdisk-bench, removed first)
 #
 # Targets (each a file the same fio jobs run on):
 #   enc      an encrypted disk of an encdisk mount (AES-256-XTS)

@@ -3,7 +3,7 @@
 # an encrypted disk, mount the volume, put ext4 on the disk through a loop
 # device, write and read a file, then take it all down again.
 #
-#   sudo bash scripts/quickstart.sh [WORKDIR]     (default /tmp/encdisk-quickstart)
+#   bash scripts/quickstart.sh [WORKDIR]     (default /tmp/encdisk-quickstart)
 #
 # Set KEEP=1 to leave everything mounted for you to explore.
 set -euo pipefail

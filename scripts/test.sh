@@ -2,7 +2,7 @@
 # Runs every test of encdisk, as root (the mount, loop-device and ext4 tests
 # need it; with CI=true they fail rather than skip when they cannot run).
 #
-#   sudo bash scripts/test.sh
+#   bash scripts/test.sh
 set -euo pipefail
 export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin
 cd "$(dirname "$0")/.."
