@@ -36,6 +36,7 @@ loop=$(losetup --direct-io=on -f --show ./disks/data1)
 mkdir -p ./data1
 mount "$loop" ./data1
 head -c 64M /dev/urandom > ./data1/hello.bin
+sync -f ./data1 # through ext4 and the loop device to the encrypted disk
 sha256sum ./data1/hello.bin
 df -h ./data1
 encdisk disk list ./vol
