@@ -329,16 +329,30 @@ func (l *lazyKMS) close() {
 	}
 }
 
-// isInside reports whether path is dir or below it.
+// isInside reports whether path is dir or below it, with symlinks resolved
+// in both (in the part of a path that exists: a file about to be created
+// under a symlinked directory is inside what the symlink points to).
 func isInside(path, dir string) bool {
-	path, dir = filepath.Clean(path), filepath.Clean(dir)
-	if r, err := filepath.EvalSymlinks(path); err == nil {
-		path = r
-	}
-	if r, err := filepath.EvalSymlinks(dir); err == nil {
-		dir = r
-	}
+	path, dir = resolvePath(path), resolvePath(dir)
 	return path == dir || strings.HasPrefix(path, dir+string(filepath.Separator))
+}
+
+// resolvePath is path, cleaned, with the symlinks of its longest existing
+// prefix resolved.
+func resolvePath(path string) string {
+	path = filepath.Clean(path)
+	rest := ""
+	for {
+		if r, err := filepath.EvalSymlinks(path); err == nil {
+			return filepath.Join(r, rest)
+		}
+		parent := filepath.Dir(path)
+		if parent == path {
+			return filepath.Join(path, rest)
+		}
+		rest = filepath.Join(filepath.Base(path), rest)
+		path = parent
+	}
 }
 
 // quietErr is an error that is (errors.Is) a sentinel without repeating the

@@ -417,6 +417,9 @@ func runImageExport(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := checkExportPath(c, vol, name, out, abs); err != nil {
+		return err
+	}
 	var res volume.ExportResult
 	err = withTransfer(c, "exporting image "+name, func() error {
 		return volumeCall(c, vol, opImageExport, imageExportArgs{Name: name, Out: abs, Force: c.Bool("force")}, &res)
@@ -432,6 +435,37 @@ func runImageExport(c *cli.Context) error {
 	}
 	fmt.Fprintf(c.App.Writer, "exported image %s to %s (raw, %s, %s of data, holes kept sparse) in %s\n",
 		name, out, humanSize(res.Size), humanSize(res.Bytes), rate(res.Bytes, res.Seconds))
+	return nil
+}
+
+// checkExportPath refuses an export into the volume's own directory or into
+// its keystore: with --force the image would replace meta.db, the pool or
+// keystore.json, and every disk or key with it.
+func checkExportPath(c *cli.Context, vol, name, out, abs string) error {
+	absVol, err := filepath.Abs(vol)
+	if err != nil {
+		return err
+	}
+	hint := func(err error) error {
+		return withHint(err, "write the image somewhere else, e.g. `--out %s`", filepath.Join(filepath.Dir(absVol), name+".raw"))
+	}
+	if isInside(abs, absVol) {
+		return hint(usageErrorf("image export: --out %s is inside the volume %s, whose own files it could overwrite", out, vol))
+	}
+	dirs := []string{}
+	if info, err := volume.ReadInfo(absVol); err == nil && info.KeystoreDir != "" {
+		dirs = append(dirs, info.KeystoreDir)
+	}
+	if e, err := loadEnv(c); err == nil {
+		if d, _, err := e.keystoreFor(absVol); err == nil {
+			dirs = append(dirs, d)
+		}
+	}
+	for _, d := range dirs {
+		if isInside(abs, d) {
+			return hint(usageErrorf("image export: --out %s is inside the keystore %s, whose files it could overwrite", out, d))
+		}
+	}
 	return nil
 }
 

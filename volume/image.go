@@ -960,8 +960,15 @@ func (v *Volume) ExportImage(name, path string, overwrite bool, xfer Transfer) (
 	fail := func(err error) (*ExportResult, error) {
 		return nil, fmt.Errorf("volume: export image %s to %s: %w", name, path, err)
 	}
-	if _, err := os.Lstat(path); err == nil && !overwrite {
-		return fail(errors.New("the file exists (give --force to overwrite it)"))
+	if fi, err := os.Lstat(path); err == nil {
+		if !overwrite {
+			return fail(errors.New("the file exists (give --force to overwrite it)"))
+		}
+		// The export is renamed over path: that would replace a device
+		// node, a symlink or a directory entry rather than write into it.
+		if !fi.Mode().IsRegular() {
+			return fail(fmt.Errorf("%w: it is %s, not a regular file; --force replaces files only", ErrRule, fileKind(fi.Mode())))
+		}
 	}
 	start := time.Now()
 	tmp := path + ".encdisk-partial"
@@ -991,6 +998,23 @@ func (v *Volume) ExportImage(name, path string, overwrite bool, xfer Transfer) (
 	ii := v.imgInfo(im)
 	v.mu.Unlock()
 	return &ExportResult{ImageInfo: ii, Path: path, Bytes: n, Seconds: time.Since(start).Seconds()}, nil
+}
+
+// fileKind names what a file that is not a regular file is.
+func fileKind(m os.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "a directory"
+	case m&os.ModeSymlink != 0:
+		return "a symbolic link"
+	case m&os.ModeDevice != 0:
+		return "a device"
+	case m&os.ModeNamedPipe != 0:
+		return "a named pipe"
+	case m&os.ModeSocket != 0:
+		return "a socket"
+	}
+	return "a special file"
 }
 
 func (v *Volume) exportTo(f *os.File, r *imageRecord, xfer *Transfer) (int64, error) {

@@ -368,6 +368,19 @@ func TestImageExportShare(t *testing.T) {
 	if ents, _ := os.ReadDir(filepath.Dir(out)); len(ents) != 1 {
 		t.Fatalf("export left files: %v", ents)
 	}
+	// --force replaces files, never a symlink, directory or device node.
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(out, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{link, filepath.Dir(link)} {
+		if _, err := tv.v.ExportImage("img", p, true, Transfer{}); !errors.Is(err, ErrRule) {
+			t.Fatalf("export --force over %s (not a regular file): %v", p, err)
+		}
+	}
+	if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Fatalf("the symlink was replaced: %v %v", fi, err)
+	}
 
 	ii, err := tv.v.ShareImage("img", "1234567890")
 	if err != nil {
