@@ -170,6 +170,11 @@ func runMount(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if sec.Keystore != "" && isInside(sec.Keystore, a.absMP) {
+		sec.wipe()
+		return withHint(fmt.Errorf("the keystore %s is inside the mount point %s: the mount would hide it, and with it every key of the volume's encrypted disks", sec.Keystore, a.mp),
+			"mount on a directory that contains neither the volume nor its keystore")
+	}
 	if e.cfg.Path != "" {
 		sec.Config, _ = filepath.Abs(e.cfg.Path)
 	}
@@ -201,6 +206,10 @@ func checkMount(a mountArgs) error {
 	}
 	if isInside(a.absMP, a.absVol) {
 		return fmt.Errorf("mount point %s is inside the volume %s", a.mp, a.vol)
+	}
+	if isInside(a.absVol, a.absMP) {
+		return withHint(fmt.Errorf("the volume %s is inside the mount point %s: the mount would hide the volume's own files from every later command", a.vol, a.mp),
+			"mount it on a directory outside the volume's path, e.g. `encdisk mount %s %s`", a.vol, filepath.Join(filepath.Dir(a.absVol), "disks"))
 	}
 	return nil
 }
