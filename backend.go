@@ -100,7 +100,7 @@ func (b backend) StatSnapshot(disk, snap string) (fs.DiskEntry, error) {
 	if err != nil {
 		return fs.DiskEntry{}, errno(err)
 	}
-	if s.Disk != disk {
+	if s.Group != disk {
 		return fs.DiskEntry{}, fmt.Errorf("%w: snapshot %s is not of disk %s", syscall.ENOENT, snap, disk)
 	}
 	return snapEntry(s), nil

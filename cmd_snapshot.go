@@ -57,7 +57,17 @@ func snapSummary(s *volume.SnapshotInfo) string {
 	if s.Encrypted {
 		enc = "encrypted with " + s.KMSKeyID
 	}
-	return fmt.Sprintf("%s of disk %s (%s, %s, %s)", s.Name, s.Disk, s.ID, humanSize(s.Size), enc)
+	return fmt.Sprintf("%s of %s (%s, %s, %s)", s.Name, snapDisk(s), s.ID, humanSize(s.Size), enc)
+}
+
+// snapDisk names a snapshot's disk: "disk d1", or "deleted disk d1
+// (d-...)" when that disk no longer exists, since a disk created later may
+// have its name.
+func snapDisk(s *volume.SnapshotInfo) string {
+	if s.DiskDeleted {
+		return fmt.Sprintf("deleted disk %s (%s)", s.Disk, s.DiskID)
+	}
+	return "disk " + s.Disk
 }
 
 func runSnapshotCreate(c *cli.Context) error {
@@ -107,7 +117,11 @@ func runSnapshotList(c *cli.Context) error {
 		if s.Encrypted {
 			enc = s.KMSKeyID
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.ID, s.Disk, humanSize(s.Size), humanSize(s.Allocated),
+		disk := s.Disk
+		if s.DiskDeleted {
+			disk += " (deleted, " + s.DiskID + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.ID, disk, humanSize(s.Size), humanSize(s.Allocated),
 			enc, s.Created.Local().Format(time.DateTime))
 	}
 	return tw.Flush()
@@ -132,7 +146,11 @@ func runSnapshotShow(c *cli.Context) error {
 	}
 	row("name", s.Name)
 	row("id", s.ID)
-	row("disk", fmt.Sprintf("%s (%s)", s.Disk, s.DiskID))
+	if s.DiskDeleted {
+		row("disk", fmt.Sprintf("%s (%s, deleted)", s.Disk, s.DiskID))
+	} else {
+		row("disk", fmt.Sprintf("%s (%s)", s.Disk, s.DiskID))
+	}
 	row("size", fmt.Sprintf("%s (%d bytes)", humanSize(s.Size), s.Size))
 	row("allocated", fmt.Sprintf("%s (%d bytes)", humanSize(s.Allocated), s.Allocated))
 	if s.Encrypted {

@@ -55,6 +55,13 @@ type SnapshotInfo struct {
 	KMSKeyID  string    `json:"kms_key_id,omitempty"`
 	Created   time.Time `json:"created"`
 	OpenBy    []string  `json:"open_by,omitempty"`
+	// DiskDeleted is set when the snapshot's disk no longer exists (a
+	// disk of the same name now may be another one).
+	DiskDeleted bool `json:"disk_deleted,omitempty"`
+	// Group is the name under which the snapshot is listed: its disk's
+	// name, or its disk's id when that name now belongs to another disk.
+	// It names the snapshot's directory in the mount's .snapshots view.
+	Group string `json:"group"`
 }
 
 func (v *Volume) snapInfo(s *snapshot) SnapshotInfo {
@@ -63,6 +70,10 @@ func (v *Volume) snapInfo(s *snapshot) SnapshotInfo {
 		ID: r.ID, Name: r.Name, DiskID: r.DiskID, Disk: r.DiskName, Size: r.Size,
 		Encrypted: r.Encrypted, KMSKeyID: r.KMSKeyID, Created: r.Created,
 		Allocated: int64(v.st.Mapped(snapshots.TreeID(r.Tree))) * SectorSize,
+		Group:     v.snapGroup(s),
+	}
+	if d := v.disks[r.DiskName]; d == nil || d.rec.ID != r.DiskID {
+		si.DiskDeleted = true
 	}
 	if s.view != nil {
 		for _, who := range s.view.opens {
@@ -207,6 +218,10 @@ func (v *Volume) CreateSnapshot(diskName, name string) (*SnapshotInfo, error) {
 }
 
 // ListSnapshots lists the snapshots of one disk, or all when diskName is "".
+// Snapshots belong to a disk by its id, not its name: a disk created with
+// the name of a deleted one does not list the deleted disk's snapshots.
+// Those are listed under the deleted disk's name while no disk has it, and
+// always under its id (see [SnapshotInfo].Group).
 func (v *Volume) ListSnapshots(diskName string) ([]SnapshotInfo, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -215,7 +230,7 @@ func (v *Volume) ListSnapshots(diskName string) ([]SnapshotInfo, error) {
 	}
 	out := []SnapshotInfo{}
 	for _, s := range v.snaps {
-		if diskName == "" || s.rec.DiskName == diskName {
+		if diskName == "" || v.snapOf(s, diskName) {
 			out = append(out, v.snapInfo(s))
 		}
 	}
@@ -230,11 +245,26 @@ func (v *Volume) ListSnapshots(diskName string) ([]SnapshotInfo, error) {
 
 func (v *Volume) hasSnapsOf(diskName string) bool {
 	for _, s := range v.snaps {
-		if s.rec.DiskName == diskName {
+		if v.snapOf(s, diskName) {
 			return true
 		}
 	}
 	return false
+}
+
+// snapGroup is the name s is listed under: its disk's name, unless a disk
+// of that name now exists and is another disk; then its disk's id.
+func (v *Volume) snapGroup(s *snapshot) string {
+	if d := v.disks[s.rec.DiskName]; d != nil && d.rec.ID != s.rec.DiskID {
+		return s.rec.DiskID
+	}
+	return s.rec.DiskName
+}
+
+// snapOf reports whether s is a snapshot of the disk called disk (its
+// group) or with the id disk.
+func (v *Volume) snapOf(s *snapshot, disk string) bool {
+	return disk == s.rec.DiskID || disk == v.snapGroup(s)
 }
 
 // ShowSnapshot describes one snapshot.
@@ -301,6 +331,10 @@ func (v *Volume) ResetDisk(diskName, snapName string) (*DiskInfo, error) {
 		return nil, err
 	}
 	if s.rec.DiskID != d.rec.ID {
+		if s.rec.DiskName == diskName {
+			return nil, fmt.Errorf("volume: reset disk %s: %w: snapshot %s is of an earlier disk %s (%s), since deleted, not of this one (%s)",
+				diskName, ErrRule, snapName, s.rec.DiskName, s.rec.DiskID, d.rec.ID)
+		}
 		return nil, fmt.Errorf("volume: reset disk %s: %w: snapshot %s is of disk %s, not of %s", diskName, ErrRule, snapName, s.rec.DiskName, diskName)
 	}
 	if err := v.busy(d, "reset", func() bool { return v.disks[diskName] == d && v.snaps[snapName] == s }); err != nil {
@@ -404,8 +438,8 @@ func (v *Volume) OpenSnapshot(diskName, snapName, who string) (*Disk, error) {
 	if err != nil {
 		return nil, err
 	}
-	if s.rec.DiskName != diskName {
-		return nil, fmt.Errorf("volume: snapshot %s is of disk %s: %w", snapName, s.rec.DiskName, ErrNoSnapshot)
+	if !v.snapOf(s, diskName) {
+		return nil, fmt.Errorf("volume: snapshot %s is of disk %s: %w", snapName, v.snapGroup(s), ErrNoSnapshot)
 	}
 	if s.view == nil {
 		s.view = &disk{readonly: true, opens: map[*Disk]string{}, rec: diskRecord{
@@ -426,13 +460,14 @@ func (v *Volume) OpenSnapshot(diskName, snapName, who string) (*Disk, error) {
 	return h, nil
 }
 
-// SnapshotDisks names the disks that have snapshots (deleted disks too).
+// SnapshotDisks names the disks that have snapshots (deleted disks too),
+// each by the group its snapshots are listed under.
 func (v *Volume) SnapshotDisks() []string {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	seen := map[string]bool{}
 	for _, s := range v.snaps {
-		seen[s.rec.DiskName] = true
+		seen[v.snapGroup(s)] = true
 	}
 	out := make([]string, 0, len(seen))
 	for n := range seen {

@@ -261,3 +261,67 @@ func TestSnapshotCrashConsistent(t *testing.T) {
 		t.Error("disk damaged across a crash")
 	}
 }
+
+// TestSnapshotsFollowDiskID checks that snapshots belong to their disk by
+// id: a disk created with a deleted disk's name neither lists, opens nor
+// resets to the deleted disk's snapshots, which stay reachable under the
+// deleted disk's id.
+func TestSnapshotsFollowDiskID(t *testing.T) {
+	tv := newTestVol(t, false)
+	const size = 1 << 20
+	old, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tv.write("d", 0, fill(1, SectorSize))
+	if _, err := tv.v.CreateSnapshot("d", "s-old"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tv.v.DetachDisk("d"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tv.v.DeleteDisk("d"); err != nil {
+		t.Fatal(err)
+	}
+	// While no disk has the name, the deleted disk's snapshots go by it.
+	if l, err := tv.v.ListSnapshots("d"); err != nil || len(l) != 1 || !l[0].DiskDeleted || l[0].Group != "d" {
+		t.Fatalf("snapshots of the deleted disk d: %+v, %v", l, err)
+	}
+	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	tv.write("d", 0, fill(2, SectorSize))
+	if _, err := tv.v.CreateSnapshot("d", "s-new"); err != nil {
+		t.Fatal(err)
+	}
+	names := func(l []SnapshotInfo) (out []string) {
+		for _, s := range l {
+			out = append(out, s.Name)
+		}
+		return out
+	}
+	for _, c := range []struct{ disk, want string }{{"d", "s-new"}, {old.ID, "s-old"}} {
+		l, err := tv.v.ListSnapshots(c.disk)
+		if err != nil || len(l) != 1 || l[0].Name != c.want {
+			t.Errorf("ListSnapshots(%s) = %v, %v; want [%s]", c.disk, names(l), err, c.want)
+		}
+	}
+	if got, want := tv.v.SnapshotDisks(), []string{"d", old.ID}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("SnapshotDisks = %v, want %v", got, want)
+	}
+	if _, err := tv.v.OpenSnapshot("d", "s-old", "test"); !errors.Is(err, ErrNoSnapshot) {
+		t.Errorf("s-old opened as a snapshot of the new disk d: %v", err)
+	}
+	if got := tv.readSnap(old.ID, "s-old"); got[0] != 1 {
+		t.Errorf("s-old under %s reads %d, want 1", old.ID, got[0])
+	}
+	if got := tv.readSnap("d", "s-new"); got[0] != 2 {
+		t.Errorf("s-new reads %d, want 2", got[0])
+	}
+	if _, err := tv.v.ResetDisk("d", "s-old"); !errors.Is(err, ErrRule) || !strings.Contains(err.Error(), "earlier disk d ("+old.ID+")") {
+		t.Errorf("reset of the new d to the old d's snapshot: %v", err)
+	}
+	if got := tv.read("d"); got[0] != 2 {
+		t.Errorf("the new disk d reads %d after the refused reset, want 2", got[0])
+	}
+}
