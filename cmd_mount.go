@@ -441,7 +441,8 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	var v *volume.Volume
 	for try := 0; ; try++ {
 		mountWarnings = nil
-		v, err = volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: openLogf, Billing: billingFromFile(sec.Config), WriteBehind: a.writeBehind})
+		v, err = volume.Open(a.absVol, volume.OpenOptions{KMS: kms, Daemon: true, Logf: openLogf, Billing: billingFromFile(sec.Config), WriteBehind: a.writeBehind,
+			Opener: mountOpener(a.absMP)})
 		// A command working on the unmounted volume holds it briefly.
 		if !errors.Is(err, volume.ErrLocked) || try >= 15 {
 			break
@@ -484,7 +485,7 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 		}
 		if len(busy) > 0 {
 			return withHint(fmt.Errorf("cannot unmount %s: %s: %w", a.absMP, strings.Join(busy, "; "), volume.ErrInUse),
-				"unmount the file systems on those disks and detach their loop devices (`losetup -d`), then retry")
+				"unmount the file systems on those disks and detach their loop devices (`losetup -d DEVICE`), then retry")
 		}
 		if err := fsrv.Unmount(); err != nil {
 			return withHint(fmt.Errorf("cannot unmount %s: %w", a.absMP, err),
@@ -753,7 +754,7 @@ func runUmount(c *cli.Context) error {
 	if err := unix.Unmount(absMP, 0); err != nil {
 		if errors.Is(err, unix.EBUSY) {
 			return withHint(fmt.Errorf("cannot unmount %s: %w", mp, err),
-				"something still uses a disk: unmount the file systems on it and detach loop devices (`losetup -D`), then retry")
+				"something still uses a disk: unmount the file systems on it, %s, then retry", loopHint(absMP))
 		}
 		return fmt.Errorf("unmount %s: %w", mp, err)
 	}

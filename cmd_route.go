@@ -364,7 +364,7 @@ func hintFor(err error) string {
 	case "exists":
 		return fmt.Sprintf("choose another name; `encdisk disk list %s` shows the names in use", vol)
 	case "in_use":
-		return "close it first: unmount the file system on it and detach its loop device (`losetup -d`)"
+		return "close it first: unmount the file system on it and detach its loop device (`losetup -d DEVICE`)"
 	case "shrink":
 		return "give a size larger than the current one (`encdisk disk show VOL NAME`)"
 	case "not_attached":

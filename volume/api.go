@@ -95,6 +95,13 @@ type OpenOptions struct {
 	// little left to flush. Durability is unchanged: only Sync is a
 	// barrier. Zero: off (the kernel's writeback alone).
 	WriteBehind int
+	// Opener, if set, rewrites an opener's description (the who given to
+	// OpenDisk or OpenSnapshot) where it is shown: the disks' and
+	// snapshots' OpenBy and the in-use errors. The mount uses it to name
+	// the loop device that holds a disk after the program that set it up
+	// has exited. disk names the disk, or for a snapshot's view the group
+	// it is listed under (SnapshotInfo.Group); snapshot is "" for a disk.
+	Opener func(disk, snapshot, who string) string
 }
 
 // CreateDiskOptions are the arguments of CreateDisk (SPEC section 7).

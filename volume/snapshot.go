@@ -76,10 +76,7 @@ func (v *Volume) snapInfo(s *snapshot) SnapshotInfo {
 		si.DiskDeleted = true
 	}
 	if s.view != nil {
-		for _, who := range s.view.opens {
-			si.OpenBy = append(si.OpenBy, who)
-		}
-		sort.Strings(si.OpenBy)
+		si.OpenBy = v.openers(s.view)
 	}
 	return si
 }
@@ -442,7 +439,7 @@ func (v *Volume) OpenSnapshot(diskName, snapName, who string) (*Disk, error) {
 		return nil, fmt.Errorf("volume: snapshot %s is of disk %s: %w", snapName, v.snapGroup(s), ErrNoSnapshot)
 	}
 	if s.view == nil {
-		s.view = &disk{readonly: true, opens: map[*Disk]string{}, rec: diskRecord{
+		s.view = &disk{readonly: true, opens: map[*Disk]string{}, snap: s, rec: diskRecord{
 			ID: s.rec.ID, Name: s.rec.DiskName + "@" + s.rec.Name, Size: s.rec.Size,
 			Encrypted: s.rec.Encrypted, WrappedKey: s.rec.WrappedKey, KeyOwner: s.rec.KeyOwner,
 			Tree: s.rec.Tree, Status: StatusInUse,

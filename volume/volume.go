@@ -108,6 +108,7 @@ type disk struct {
 	cipher   *blockcrypt.Cipher // daemon: loaded while attached (nil if unencrypted)
 	keyErr   error              // daemon: why the data key could not be loaded
 	opens    map[*Disk]string
+	snap     *snapshot      // the snapshot a view shows; nil for a disk
 	rmw      [64]sync.Mutex // serialises read-modify-write of partial sectors
 	size     atomic.Int64   // rec.Size, read by the data path without v.mu
 }
@@ -496,11 +497,28 @@ func (v *Volume) info(d *disk) DiskInfo {
 		SourceType: r.SourceType, Source: r.Source, Created: r.Created,
 		Allocated: int64(v.st.Mapped(snapshots.TreeID(r.Tree))) * SectorSize,
 	}
-	for _, who := range d.opens {
-		di.OpenBy = append(di.OpenBy, who)
-	}
-	sort.Strings(di.OpenBy)
+	di.OpenBy = v.openers(d)
 	return di
+}
+
+// openers describes who has d open, sorted; nil if no one (v.mu held).
+func (v *Volume) openers(d *disk) []string {
+	if len(d.opens) == 0 {
+		return nil
+	}
+	disk, snap := d.rec.Name, ""
+	if d.snap != nil {
+		disk, snap = v.snapGroup(d.snap), d.snap.rec.Name
+	}
+	var out []string
+	for _, who := range d.opens {
+		if v.opts.Opener != nil {
+			who = v.opts.Opener(disk, snap, who)
+		}
+		out = append(out, who)
+	}
+	sort.Strings(out)
+	return out
 }
 
 func validSize(size int64) error {
@@ -766,12 +784,7 @@ func (v *Volume) busy(d *disk, op string, still func() bool) error {
 	if len(d.opens) == 0 {
 		return nil
 	}
-	var who []string
-	for _, w := range d.opens {
-		who = append(who, w)
-	}
-	sort.Strings(who)
-	return fmt.Errorf("volume: %s disk %s: %w: open by %s (close it first: umount, losetup -d)", op, d.rec.Name, ErrInUse, strings.Join(who, ", "))
+	return fmt.Errorf("volume: %s disk %s: %w: open by %s", op, d.rec.Name, ErrInUse, strings.Join(v.openers(d), ", "))
 }
 
 // isDisk reports whether d is still the disk called name.

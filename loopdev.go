@@ -1,0 +1,79 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// sysBlock is where the kernel lists block devices; a variable for tests.
+var sysBlock = "/sys/block"
+
+// loopDevices lists the loop devices whose backing file is path, or is
+// below path when under is set, as "/dev/loopN", sorted.
+func loopDevices(path string, under bool) []string {
+	files, _ := filepath.Glob(filepath.Join(sysBlock, "loop*", "loop", "backing_file"))
+	var out []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		backing := strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
+		if backing == path || under && strings.HasPrefix(backing, path+"/") {
+			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(f))))
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// mountOpener describes the opener of a file in the mount at mp for
+// volume.OpenOptions.Opener. An open is recorded as "pid N (comm)" of the
+// process that made it. For a loop device that is losetup, which exits at
+// once while the device holds the file open: the pid then names nothing,
+// and what the user needs is the device to detach. So an open whose process
+// has exited is described by the loop devices backed by the file, if any.
+func mountOpener(mp string) func(disk, snapshot, who string) string {
+	return func(disk, snapshot, who string) string {
+		pid, ok := openerPID(who)
+		if !ok {
+			return who
+		}
+		if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); err == nil {
+			return who
+		}
+		path := filepath.Join(mp, disk)
+		if snapshot != "" {
+			path = filepath.Join(mp, ".snapshots", disk, snapshot)
+		}
+		if loops := loopDevices(path, false); len(loops) > 0 {
+			return fmt.Sprintf("loop device %s (set up by %s)", strings.Join(loops, ", "), who)
+		}
+		return who + ", since exited"
+	}
+}
+
+// openerPID parses the pid of "pid N (comm)".
+func openerPID(who string) (int, bool) {
+	rest, ok := strings.CutPrefix(who, "pid ")
+	if !ok {
+		return 0, false
+	}
+	n, _, _ := strings.Cut(rest, " ")
+	pid, err := strconv.Atoi(n)
+	return pid, err == nil && pid > 0
+}
+
+// loopHint is the advice for a mount point that a loop device keeps busy:
+// the devices backed by its files by name, else how to find them. Never
+// `losetup -D`, which detaches every loop device on the machine.
+func loopHint(mp string) string {
+	if loops := loopDevices(mp, true); len(loops) > 0 {
+		return fmt.Sprintf("detach the loop devices on its disks (`losetup -d %s`)", strings.Join(loops, " "))
+	}
+	return fmt.Sprintf("detach their loop devices (`losetup -j %s/DISK` shows a disk's, `losetup -d DEVICE` detaches it)", mp)
+}

@@ -1,0 +1,58 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+)
+
+// fakeLoops makes a /sys/block with loop devices backed by the given files
+// ("" for an unbound device) and points sysBlock at it.
+func fakeLoops(t *testing.T, backing ...string) {
+	t.Helper()
+	dir := t.TempDir()
+	for i, b := range backing {
+		d := filepath.Join(dir, "loop"+strconv.Itoa(i))
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if b == "" {
+			continue
+		}
+		if err := os.MkdirAll(filepath.Join(d, "loop"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, "loop", "backing_file"), []byte(b+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	saved := sysBlock
+	sysBlock = dir
+	t.Cleanup(func() { sysBlock = saved })
+}
+
+func TestMountOpener(t *testing.T) {
+	fakeLoops(t, "/mnt/disks/d1", "", "/mnt/disks/.snapshots/d1/s1", "/mnt/disks/d10", "/other/d1", "/mnt/disks/d1 (deleted)")
+	// A pid that no longer exists: above pid_max, never a live process.
+	const gone = "pid 99999999 (losetup)"
+	self := "pid " + strconv.Itoa(os.Getpid()) + " (test)"
+	open := mountOpener("/mnt/disks")
+	for _, c := range []struct{ disk, snap, who, want string }{
+		{"d1", "", gone, "loop device /dev/loop0, /dev/loop5 (set up by pid 99999999 (losetup))"},
+		{"d1", "s1", gone, "loop device /dev/loop2 (set up by pid 99999999 (losetup))"},
+		{"d2", "", gone, "pid 99999999 (losetup), since exited"},
+		{"d1", "", self, self},     // a live process is named as it is
+		{"d1", "", "fuzz", "fuzz"}, // not a pid
+	} {
+		if got := open(c.disk, c.snap, c.who); got != c.want {
+			t.Errorf("opener(%q, %q, %q) = %q, want %q", c.disk, c.snap, c.who, got, c.want)
+		}
+	}
+	if got, want := loopHint("/mnt/disks"), "detach the loop devices on its disks (`losetup -d /dev/loop0 /dev/loop2 /dev/loop3 /dev/loop5`)"; got != want {
+		t.Errorf("loopHint = %q, want %q", got, want)
+	}
+	if got := loopHint("/nowhere"); got != "detach their loop devices (`losetup -j /nowhere/DISK` shows a disk's, `losetup -d DEVICE` detaches it)" {
+		t.Errorf("loopHint without devices = %q", got)
+	}
+}
