@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -302,6 +303,9 @@ func diskNameCommand(name, usage, op, done string) *cli.Command {
 			}
 			var d volume.DiskInfo
 			if err := volumeCall(c, c.Args().Get(0), op, nameArgs{c.Args().Get(1)}, &d); err != nil {
+				if op == opDiskAttach && errors.Is(err, volume.ErrAttached) || op == opDiskDetach && errors.Is(err, volume.ErrNotAttached) {
+					return withHint(err, "it already is %s: nothing to do", done)
+				}
 				return err
 			}
 			if c.Bool("json") {
@@ -324,12 +328,22 @@ func runDiskResize(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	// Resizing to the current size changes nothing (and bills nothing):
+	// say so rather than "resized".
+	var before volume.DiskInfo
+	if err := volumeCall(c, c.Args().Get(0), opDiskShow, nameArgs{c.Args().Get(1)}, &before); err != nil {
+		return err
+	}
 	var d volume.DiskInfo
 	if err := volumeCall(c, c.Args().Get(0), opDiskResize, resizeArgs{c.Args().Get(1), size}, &d); err != nil {
 		return err
 	}
 	if c.Bool("json") {
 		return printJSON(c, d)
+	}
+	if before.Size == d.Size {
+		fmt.Fprintf(c.App.Writer, "disk %s (%s) is already %s: nothing changed\n", d.Name, d.ID, humanSize(d.Size))
+		return nil
 	}
 	fmt.Fprintf(c.App.Writer, "resized disk %s (%s) to %s\n", d.Name, d.ID, humanSize(d.Size))
 	return nil
