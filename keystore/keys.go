@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -63,10 +64,45 @@ type KeyInfo struct {
 	Created          time.Time     `json:"created"`
 	Principals       []string      `json:"principals,omitempty"` // granted GenerateDataKey and Decrypt
 	DeletionDate     *time.Time    `json:"deletion_date,omitempty"`
-	RotationInterval time.Duration `json:"rotation_interval,omitempty"`
-	LastRotation     *time.Time    `json:"last_rotation,omitempty"` // when the primary version was made
+	RotationInterval time.Duration `json:"rotation_interval,omitempty"` // in JSON "7776000s", as KMS's DescribeKey
+	LastRotation     *time.Time    `json:"last_rotation,omitempty"`     // when the primary version was made
 	NextRotation     *time.Time    `json:"next_rotation,omitempty"`
 	MaterialExpires  *time.Time    `json:"material_expires,omitempty"`
+}
+
+// MarshalJSON writes RotationInterval as KMS's API does, in whole seconds
+// with an "s" ("7776000s"), rather than as a count of nanoseconds.
+func (k KeyInfo) MarshalJSON() ([]byte, error) {
+	type plain KeyInfo
+	out := struct {
+		plain
+		RotationInterval string `json:"rotation_interval,omitempty"`
+	}{plain: plain(k)}
+	if k.RotationInterval > 0 {
+		out.RotationInterval = fmt.Sprintf("%ds", int64(k.RotationInterval/time.Second))
+	}
+	return json.Marshal(out)
+}
+
+// UnmarshalJSON reads what MarshalJSON writes.
+func (k *KeyInfo) UnmarshalJSON(b []byte) error {
+	type plain KeyInfo
+	in := struct {
+		*plain
+		RotationInterval string `json:"rotation_interval,omitempty"`
+	}{plain: (*plain)(k)}
+	if err := json.Unmarshal(b, &in); err != nil {
+		return err
+	}
+	k.RotationInterval = 0
+	if in.RotationInterval != "" {
+		d, err := time.ParseDuration(in.RotationInterval)
+		if err != nil {
+			return fmt.Errorf("keystore: rotation_interval %q: %w", in.RotationInterval, err)
+		}
+		k.RotationInterval = d
+	}
+	return nil
 }
 
 // CreateKeyOptions configure CreateKey. The zero value makes an Enabled key of origin
@@ -569,6 +605,15 @@ func (ks *Keystore) CreateKey(region string, o CreateKeyOptions) (*KeyInfo, erro
 	return out, nil
 }
 
+// days words d in days ("5 days", "1.5 days").
+func days(d time.Duration) string {
+	n := d.Hours() / 24
+	if n == 1 {
+		return "1 day"
+	}
+	return strconv.FormatFloat(n, 'f', -1, 64) + " days"
+}
+
 func checkRotation(d time.Duration, origin Origin) error {
 	if d == 0 {
 		return nil
@@ -577,7 +622,7 @@ func checkRotation(d time.Duration, origin Origin) error {
 		return fmt.Errorf("only keys of origin kms rotate: %w", ErrInvalid)
 	}
 	if d < minRotation || d > maxRotation || d%time.Second != 0 {
-		return fmt.Errorf("rotation interval %s: want 7 to 730 days: %w", d, ErrInvalid)
+		return fmt.Errorf("rotation interval %s: want 7 to 730 days: %w", days(d), ErrInvalid)
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package keystore
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -338,4 +339,25 @@ func readAudit(t *testing.T, ks *Keystore) []auditEntry {
 		out = append(out, e)
 	}
 	return out
+}
+
+// TestKeyInfoJSON checks that a key's rotation interval is written as KMS's
+// API writes it ("7776000s", not nanoseconds) and read back.
+func TestKeyInfoJSON(t *testing.T) {
+	k := KeyInfo{ID: "key-1", RotationInterval: 90 * 24 * time.Hour}
+	b, err := json.Marshal(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), `"rotation_interval":"7776000s"`) || !strings.Contains(string(b), `"id":"key-1"`) {
+		t.Fatalf("JSON %s", b)
+	}
+	var back KeyInfo
+	if err := json.Unmarshal(b, &back); err != nil || back.RotationInterval != k.RotationInterval || back.ID != "key-1" {
+		t.Fatalf("read back %+v, %v", back, err)
+	}
+	b, _ = json.Marshal(KeyInfo{ID: "key-2"})
+	if strings.Contains(string(b), "rotation_interval") {
+		t.Fatalf("no rotation, yet %s", b)
+	}
 }
