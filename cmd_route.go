@@ -281,6 +281,7 @@ var errorKinds = []struct {
 	err  error
 	kind string
 }{
+	{volume.ErrDamagedHeader, "damaged_header"},
 	{volume.ErrNotVolume, "not_volume"},
 	{volume.ErrVolumeExists, "volume_exists"},
 	{volume.ErrNewerFormat, "newer_format"},
@@ -351,6 +352,8 @@ func hintFor(err error) string {
 		vol = ve.vol
 	}
 	switch errKind(err) {
+	case "damaged_header":
+		return fmt.Sprintf("`encdisk check %s` reports what else is damaged; restore %s from a backup of the volume; the disks themselves are in meta.db and data/", vol, filepath.Join(vol, "volume.json"))
 	case "not_volume":
 		return fmt.Sprintf("create one with `encdisk init %s`", vol)
 	case "locked":

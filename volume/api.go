@@ -39,7 +39,18 @@ var (
 	ErrAttached     = errors.New("disk is attached")
 	ErrRule         = errors.New("not allowed") // a cloud rule (SPEC section 3) refuses the operation
 	ErrNoKMS        = errors.New("no keystore available")
+	// ErrDamagedHeader: the volume's header (volume.json) is there but is
+	// not a valid one. It is also ErrNotVolume, without that error's
+	// advice to run init (which refuses a directory holding a volume).
+	ErrDamagedHeader error = damagedHeader{}
 )
+
+type damagedHeader struct{}
+
+func (damagedHeader) Error() string {
+	return "its header " + headerFile + " is damaged or not an encdisk header"
+}
+func (damagedHeader) Is(target error) bool { return target == ErrNotVolume }
 
 // KMS is what a volume needs from a key management service: envelope
 // encryption of per-disk data keys. The file keystore is one implementation;

@@ -212,7 +212,7 @@ func readHeader(dir string) (*header, error) {
 	var h header
 	dec := json.NewDecoder(bytes.NewReader(b))
 	if err := dec.Decode(&h); err != nil || h.Format != formatName || h.ID == "" || h.Region == "" {
-		return nil, fmt.Errorf("volume: %s: %s is damaged or not an encdisk header: %w", dir, headerFile, ErrNotVolume)
+		return nil, fmt.Errorf("volume: %s: %w", dir, ErrDamagedHeader)
 	}
 	if h.Version > FormatVersion {
 		return nil, fmt.Errorf("volume: %s: format version %d: %w", dir, h.Version, ErrNewerFormat)
