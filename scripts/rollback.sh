@@ -18,12 +18,18 @@ encdisk=${ENCDISK:-encdisk}
 
 # Refuse early, before touching anything, if the snapshot is not this disk's.
 "$encdisk" snapshot show "$vol" "$snap" >/dev/null
+if ! "$encdisk" snapshot list "$vol" "$disk" | awk -v s="$snap" 'NR > 1 && $1 == s { found = 1 } END { exit !found }'; then
+	echo "rollback: snapshot $snap is not a snapshot of disk $disk (see: $encdisk snapshot list $vol $disk)" >&2
+	exit 1
+fi
 
-loop="" fsdir="" opts=""
+loop="" fsdir="" opts="" dio=off
 if [ -n "$mp" ]; then
 	file=$mp/$disk
 	loop=$(losetup -n -O NAME -j "$file" | head -n 1 | tr -d ' ')
 	if [ -n "$loop" ]; then
+		# Attach it again the way it was: direct I/O or buffered.
+		[ "$(losetup -n -O DIO "$loop" | tr -d ' ')" = 1 ] && dio=on
 		fsdir=$(findmnt -n -o TARGET --source "$loop" | head -n 1 || true)
 		if [ -n "$fsdir" ]; then
 			opts=$(findmnt -n -o OPTIONS --target "$fsdir" | head -n 1)
@@ -42,7 +48,7 @@ fi
 "$encdisk" disk reset "$vol" "$disk" --snapshot "$snap"
 
 if [ -n "$loop" ]; then
-	newloop=$(losetup -f --show "$mp/$disk")
+	newloop=$(losetup --direct-io="$dio" -f --show "$mp/$disk")
 	if [ -n "$fsdir" ]; then
 		mount -o "$opts" "$newloop" "$fsdir"
 		echo "rollback: $fsdir mounted again from $newloop"

@@ -131,9 +131,9 @@ func waitGone(pid int, d time.Duration) bool {
 
 // loopMount attaches file to a loop device and mounts it at dir; the
 // returned func undoes both (also registered for cleanup).
-func loopMount(t *testing.T, file, dir string) func() {
+func loopMount(t *testing.T, file, dir string, losetupArgs ...string) func() {
 	t.Helper()
-	dev := sh(t, "losetup", "-f", "--show", file)
+	dev := sh(t, "losetup", append(losetupArgs, "-f", "--show", file)...)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}

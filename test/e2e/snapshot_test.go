@@ -13,16 +13,31 @@ import (
 // pointing at the built binary.
 func (e *env) script(name string, args ...string) string {
 	e.t.Helper()
+	out, err := e.runScript(name, args...)
+	if err != nil {
+		e.t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// scriptFails runs a script that must fail, and returns what it said.
+func (e *env) scriptFails(name string, args ...string) string {
+	e.t.Helper()
+	out, err := e.runScript(name, args...)
+	if err == nil {
+		e.t.Fatalf("%s %s succeeded, want a refusal:\n%s", name, strings.Join(args, " "), out)
+	}
+	return out
+}
+
+func (e *env) runScript(name string, args ...string) (string, error) {
 	_, file, _, _ := runtime.Caller(0)
 	path := filepath.Join(filepath.Dir(file), "..", "..", "scripts", name)
 	c := e.cmd()
 	c.Path, c.Args = "/bin/bash", append([]string{"bash", path}, args...)
 	c.Env = append(c.Env, "ENCDISK="+binary)
 	out, err := c.CombinedOutput()
-	if err != nil {
-		e.t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return string(out)
+	return string(out), err
 }
 
 // TestSnapshotRollbackExt4: ext4 on a mounted encrypted disk; a nightly
@@ -38,7 +53,7 @@ func TestSnapshotRollbackExt4(t *testing.T) {
 	data1 := filepath.Join(e.mnt, "data1")
 	sh(t, "mkfs.ext4", "-q", data1)
 	fsDir := filepath.Join(e.dir, "fs")
-	loopMount(t, data1, fsDir)
+	loopMount(t, data1, fsDir, "--direct-io=on")
 	before := writeRandomFiles(t, fsDir, 4, 4<<20)
 	sh(t, "sync", "-f", fsDir) // a snapshot is crash-consistent: what the guest flushed is in it
 
@@ -85,6 +100,16 @@ func TestSnapshotRollbackExt4(t *testing.T) {
 	sh(t, "umount", roDir)
 	sh(t, "losetup", "-d", roDev)
 
+	// Another disk's snapshot is refused before anything is touched.
+	e.run("disk", "create", e.vol, "other", "--size", "16MiB")
+	e.run("snapshot", "create", e.vol, "other", "other-snap")
+	if out := e.scriptFails("rollback.sh", e.vol, "data1", "other-snap", e.mnt); !strings.Contains(out, "not a snapshot of disk data1") {
+		t.Errorf("rollback.sh to another disk's snapshot said:\n%s", out)
+	}
+	if _, err := os.Stat(after); err != nil {
+		t.Fatalf("a refused rollback changed the file system: %v", err)
+	}
+
 	// Roll back while mounted: the script takes the file system down and up.
 	out := e.script("rollback.sh", e.vol, "data1", snap, e.mnt)
 	if !strings.Contains(out, "mounted again") {
@@ -96,6 +121,9 @@ func TestSnapshotRollbackExt4(t *testing.T) {
 	checkFiles(t, fsDir, before)
 	// e2fsck on the rolled-back disk once the file system is down again.
 	dev := strings.Fields(sh(t, "findmnt", "-n", "-o", "SOURCE", "--target", fsDir))[0]
+	if dio := strings.TrimSpace(sh(t, "losetup", "-n", "-O", "DIO", dev)); dio != "1" {
+		t.Errorf("rollback.sh attached the disk again without direct I/O (DIO %q), as it was before", dio)
+	}
 	sh(t, "umount", fsDir)
 	sh(t, "e2fsck", "-fn", dev)
 	sh(t, "losetup", "-d", dev)
