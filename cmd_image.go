@@ -452,6 +452,9 @@ func checkExportPath(c *cli.Context, vol, name, out, abs string) error {
 	if isInside(abs, absVol) {
 		return hint(usageErrorf("image export: --out %s is inside the volume %s, whose own files it could overwrite", out, vol))
 	}
+	if mp := encdiskMountOf(abs); mp != "" {
+		return hint(usageErrorf("image export: --out %s is inside the encdisk mount %s, which holds only disk files", out, mp))
+	}
 	dirs := []string{}
 	if info, err := volume.ReadInfo(absVol); err == nil && info.KeystoreDir != "" {
 		dirs = append(dirs, info.KeystoreDir)

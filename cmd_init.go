@@ -63,6 +63,12 @@ func runInit(c *cli.Context) error {
 	if isInside(absVol, ksDir) {
 		return withHint(fmt.Errorf("the volume %s would be inside the keystore %s", vol, ksDir), "choose a volume directory outside the keystore")
 	}
+	for _, p := range []struct{ what, path string }{{"the volume " + vol, absVol}, {"the keystore " + ksDir, ksDir}} {
+		if mp := encdiskMountOf(p.path); mp != "" {
+			return withHint(fmt.Errorf("%s would be inside the encdisk mount %s, which holds only disk files", p.what, mp),
+				"put it on an ordinary file system, outside every encdisk mount")
+		}
+	}
 	// Refuse an existing volume before touching the keystore, so a typo
 	// does not leave a new keystore behind.
 	if _, err := volume.ReadInfo(absVol); err == nil {

@@ -691,6 +691,31 @@ func isMountpoint(path string) (bool, error) {
 	return false, sc.Err()
 }
 
+// encdiskMountOf returns the encdisk mount point that path is in or below
+// (the innermost, if mounts nest), or "".
+func encdiskMountOf(path string) string {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	best := ""
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		fields, tail := strings.Fields(pre), strings.Fields(post)
+		if !ok || len(fields) < 5 || len(tail) < 1 || tail[0] != "fuse.encdisk" {
+			continue
+		}
+		mp := unescapeMountinfo(fields[4])
+		if len(mp) > len(best) && isInside(path, mp) {
+			best = mp
+		}
+	}
+	return best
+}
+
 // unescapeMountinfo undoes the octal escapes (\040 for space …) of mountinfo.
 func unescapeMountinfo(s string) string {
 	if !strings.Contains(s, `\`) {
