@@ -133,7 +133,7 @@ func exercise(t *testing.T, dir string) {
 	}
 	snaps, _ := v.ListSnapshots("")
 	for _, s := range snaps {
-		if h, err := v.OpenSnapshot(s.Disk, s.Name, "fuzz"); err == nil {
+		if h, err := v.OpenSnapshot(s.Group, s.Name, "fuzz"); err == nil {
 			h.ReadAt(buf, 0)
 			h.Close()
 		}
