@@ -380,6 +380,11 @@ func runImageCopy(c *cli.Context) error {
 	})
 	if err != nil {
 		if errors.Is(err, volume.ErrCanceled) {
+			// A copy interrupted just as it completed is not rolled back.
+			var ii volume.ImageInfo
+			if o.To == "" && volumeCall(c, vol, opImageShow, nameArgs{o.NewName}, &ii) == nil {
+				return withHint(err, "the copy had already completed: image %s exists (`encdisk image delete %s %s` removes it)", o.NewName, vol, o.NewName)
+			}
 			return withHint(err, "the copy was rolled back: image %s was not created", o.NewName)
 		}
 		if errKind(err) == "locked" && o.To != "" {
@@ -421,11 +426,15 @@ func runImageExport(c *cli.Context) error {
 		return err
 	}
 	var res volume.ExportResult
+	_, existed := os.Lstat(abs)
 	err = withTransfer(c, "exporting image "+name, func() error {
 		return volumeCall(c, vol, opImageExport, imageExportArgs{Name: name, Out: abs, Force: c.Bool("force")}, &res)
 	})
 	if err != nil {
 		if errors.Is(err, volume.ErrCanceled) {
+			if _, now := os.Lstat(abs); existed != nil && now == nil {
+				return withHint(err, "the export had already completed: %s holds the whole image", out)
+			}
 			return withHint(err, "nothing was written to %s", out)
 		}
 		return imageHint(err, vol)
@@ -513,16 +522,7 @@ func withTransfer(c *cli.Context, what string, call func() error) error {
 		pl = &progressLine{w: f, what: what, start: time.Now()}
 		t.Progress = pl.update
 	}
-	if d, err := time.ParseDuration(os.Getenv("ENCDISK_TEST_COPY_DELAY")); err == nil {
-		// Tests slow the copy down to interrupt it halfway.
-		progress := t.Progress
-		t.Progress = func(done, total int64) {
-			if progress != nil {
-				progress(done, total)
-			}
-			time.Sleep(d)
-		}
-	}
+	t = slowedForTests(t)
 	setImageTransfer(t)
 	defer setImageTransfer(volume.Transfer{})
 
@@ -539,7 +539,7 @@ func withTransfer(c *cli.Context, what string, call func() error) error {
 		select {
 		case err = <-done:
 		case <-time.After(5 * time.Second):
-			err = withHint(errors.New("interrupted"), "if the volume is mounted, its daemon finishes the operation (see VOL/daemon.log)")
+			err = withHint(errors.New("interrupted"), "the operation is still stopping; see VOL/daemon.log if the volume is mounted")
 		case <-sig:
 			err = errors.New("interrupted")
 		}
@@ -548,6 +548,23 @@ func withTransfer(c *cli.Context, what string, call func() error) error {
 		pl.finish()
 	}
 	return err
+}
+
+// slowedForTests slows a transfer down by ENCDISK_TEST_COPY_DELAY per chunk,
+// so that tests can interrupt it halfway.
+func slowedForTests(t volume.Transfer) volume.Transfer {
+	d, err := time.ParseDuration(os.Getenv("ENCDISK_TEST_COPY_DELAY"))
+	if err != nil {
+		return t
+	}
+	progress := t.Progress
+	t.Progress = func(done, total int64) {
+		if progress != nil {
+			progress(done, total)
+		}
+		time.Sleep(d)
+	}
+	return t
 }
 
 // progressLine draws "copying image img: 45% (120 MiB of 268 MiB), 210 MB/s"

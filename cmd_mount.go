@@ -507,6 +507,12 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 		}
 		opMu.Lock()
 		defer opMu.Unlock()
+		if op == opImageCopy || op == opImageExport {
+			// A client that hangs up (Ctrl-C) cancels ctx: the copy stops
+			// and is rolled back, as when it runs in the client itself.
+			setImageTransfer(slowedForTests(volume.Transfer{Cancel: ctx.Done()}))
+			defer setImageTransfer(volume.Transfer{})
+		}
 		res, err := dispatch(v, op, args)
 		if err != nil {
 			logger.Printf("%s: %v", op, err)

@@ -188,8 +188,21 @@ func volumeCall(c *cli.Context, dir, op string, args, result any) error {
 		return err
 	}
 	sock := socketAddr(volume.SocketPath(abs))
+	cancel := currentImageTransfer().Cancel
 	for attempt := 0; ; attempt++ {
-		err := control.Call(sock, op, args, result, opTimeout(op))
+		var err error
+		if cancel != nil {
+			err = control.CallCancel(sock, op, args, result, opTimeout(op), cancel)
+		} else {
+			err = control.Call(sock, op, args, result, opTimeout(op))
+		}
+		if errors.Is(err, control.ErrCanceled) {
+			// The hang-up stops the operation in the daemon, which rolls
+			// it back. The next request waits for that to end, since the
+			// daemon runs one operation at a time.
+			control.Call(sock, opImageList, nil, nil, opTimeout(opImageList))
+			return volError(fmt.Errorf("%w (the mount daemon stopped the operation)", volume.ErrCanceled), dir)
+		}
 		if !errors.Is(err, control.ErrNoDaemon) {
 			return volError(err, dir)
 		}

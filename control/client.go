@@ -86,6 +86,36 @@ func (c *Client) Call(op string, args, result any) error {
 	return nil
 }
 
+// CallCancel is Call that gives up when cancel is closed: it hangs up, which
+// cancels the handler's context in the daemon, and returns ErrCanceled
+// without waiting for the answer. An answer that arrived first is returned
+// as from Call.
+func CallCancel(path, op string, args, result any, timeout time.Duration, cancel <-chan struct{}) error {
+	c, err := Dial(path, 2*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.Timeout = timeout
+	finished := make(chan struct{})
+	watched := make(chan bool) // whether the watcher hung up
+	go func() {
+		select {
+		case <-cancel:
+			c.Close()
+			watched <- true
+		case <-finished:
+			watched <- false
+		}
+	}()
+	err = c.Call(op, args, result)
+	close(finished)
+	if hungUp := <-watched; hungUp && err != nil {
+		return fmt.Errorf("control: %s: %w", op, ErrCanceled)
+	}
+	return err
+}
+
 // Call dials path, makes one call and closes the connection.
 func Call(path, op string, args, result any, timeout time.Duration) error {
 	c, err := Dial(path, 2*time.Second)

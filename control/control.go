@@ -59,6 +59,9 @@ var (
 	ErrTooLarge = errors.New("request too large")
 	// ErrMalformed means a request line is not a valid request.
 	ErrMalformed = errors.New("malformed request")
+	// ErrCanceled means the caller gave up on a call (CallCancel) and hung
+	// up: the daemon's handler sees its context canceled.
+	ErrCanceled = errors.New("call canceled by the caller")
 )
 
 // Request is one management call.

@@ -253,6 +253,67 @@ func TestCallTimeout(t *testing.T) {
 	}
 }
 
+// TestCallCancelHangsUp checks that a caller giving up (CallCancel) cancels
+// the handler's context in the server, and that a call that was not given
+// up on does not see its context canceled, on a connection that goes on
+// serving further calls.
+func TestCallCancelHangsUp(t *testing.T) {
+	started := make(chan struct{}, 1)
+	ended := make(chan error, 1)
+	s := startServer(t, func(ctx context.Context, op string, args json.RawMessage) (any, error) {
+		switch op {
+		case "wait":
+			started <- struct{}{}
+			select {
+			case <-ctx.Done():
+				ended <- ctx.Err()
+				return nil, ctx.Err()
+			case <-time.After(30 * time.Second):
+				ended <- nil
+				return "finished", nil
+			}
+		case "check":
+			return ctx.Err() == nil, nil
+		}
+		return testHandler(ctx, op, args)
+	})
+	cancel := make(chan struct{})
+	res := make(chan error, 1)
+	go func() { res <- CallCancel(s.Path(), "wait", nil, nil, time.Minute, cancel) }()
+	<-started
+	close(cancel)
+	if err := <-res; !errors.Is(err, ErrCanceled) {
+		t.Fatalf("CallCancel after cancel: %v, want ErrCanceled", err)
+	}
+	if err := <-ended; !errors.Is(err, context.Canceled) {
+		t.Fatalf("the handler's context after the client hung up: %v, want canceled", err)
+	}
+
+	// Several calls on one connection: the hang-up watch consumes nothing,
+	// and a completed call's context was live while it ran.
+	c, err := Dial(s.Path(), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := range 3 {
+		var live bool
+		if err := c.Call("check", nil, &live); err != nil || !live {
+			t.Fatalf("call %d on one connection: live %v, %v", i, live, err)
+		}
+		var out echoArgs
+		if err := c.Call("echo", echoArgs{Name: "x", N: i}, &out); err != nil || out.N != i+1 {
+			t.Fatalf("echo %d: %+v, %v", i, out, err)
+		}
+	}
+	// An answer that arrives is returned even if cancel is closed later.
+	never := make(chan struct{})
+	var out echoArgs
+	if err := CallCancel(s.Path(), "echo", echoArgs{N: 1}, &out, time.Second, never); err != nil || out.N != 2 {
+		t.Fatalf("CallCancel not canceled: %+v, %v", out, err)
+	}
+}
+
 func FuzzDecodeRequest(f *testing.F) {
 	for _, s := range []string{
 		`{"op":"disk.list"}`,

@@ -13,7 +13,9 @@ import (
 )
 
 // Handler serves one request. A returned *Error is sent as is; any other error
-// is sent with its message only.
+// is sent with its message only. ctx is canceled when the server closes, or
+// when the client hangs up before the answer (see CallCancel): a long
+// operation can stop then instead of finishing for no one.
 type Handler func(ctx context.Context, op string, args json.RawMessage) (any, error)
 
 // Server answers requests on a Unix socket.
@@ -150,7 +152,7 @@ func (s *Server) serveConn(c net.Conn) {
 			s.reply(c, w, Response{Error: "control: " + err.Error(), Code: 2})
 			return
 		}
-		if !s.reply(c, w, s.call(req)) {
+		if !s.reply(c, w, s.call(c, r, req)) {
 			return
 		}
 	}
@@ -158,13 +160,17 @@ func (s *Server) serveConn(c net.Conn) {
 
 // call runs the handler, turning a panic into an error response so one bad
 // request cannot take the daemon (and the user's mounted disks) down.
-func (s *Server) call(req *Request) (resp Response) {
+func (s *Server) call(c net.Conn, r *bufio.Reader, req *Request) (resp Response) {
 	defer func() {
 		if p := recover(); p != nil {
 			resp = Response{Error: fmt.Sprintf("internal error in %s: %v", req.Op, p), Code: 1}
 		}
 	}()
-	res, err := s.handler(s.ctx, req.Op, req.Args)
+	ctx, cancel := context.WithCancel(s.ctx)
+	defer cancel()
+	stop := watchHangup(c, r, cancel)
+	defer stop()
+	res, err := s.handler(ctx, req.Op, req.Args)
 	if err != nil {
 		return ErrorResponse(err)
 	}
@@ -173,6 +179,28 @@ func (s *Server) call(req *Request) (resp Response) {
 		return Response{Error: fmt.Sprintf("control: encode result of %s: %v", req.Op, err), Code: 1}
 	}
 	return Response{Result: b}
+}
+
+// watchHangup calls cancel if the client hangs up while its call runs. It
+// peeks at the connection, consuming nothing: a client sends nothing while
+// it waits for an answer, so the peek returns only at a hangup (or with the
+// next request of a client that pipelines, which is left for the serving
+// loop). stop ends the watch and returns once it has ended, the connection
+// the serving loop's again.
+func watchHangup(c net.Conn, r *bufio.Reader, cancel func()) (stop func()) {
+	c.SetReadDeadline(time.Time{}) // a call may run longer than IdleTimeout
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if _, err := r.Peek(1); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			cancel()
+		}
+	}()
+	return func() {
+		c.SetReadDeadline(time.Now()) // wakes the peek
+		<-done
+		c.SetReadDeadline(time.Time{})
+	}
 }
 
 // ErrorResponse converts a handler's error to its wire form.
