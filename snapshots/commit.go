@@ -2,6 +2,7 @@ package snapshots
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -374,7 +375,8 @@ func (s *Store) Apply(op func(tx *Tx) error, extra func(tx *bolt.Tx) error) erro
 	s.gate.Lock()
 	defer s.gate.Unlock()
 	var opErr error
-	err := s.mutate(func() { opErr = op(&Tx{s: s}) })
+	tx := &Tx{s: s}
+	err := s.mutate(func() { opErr = op(tx) })
 	if err != nil {
 		return err
 	}
@@ -387,7 +389,9 @@ func (s *Store) Apply(op func(tx *Tx) error, extra func(tx *bolt.Tx) error) erro
 	if err := s.persist(c, extra); err != nil {
 		s.mu.Lock()
 		s.restoreLocked(c)
-		s.poisoned = fmt.Errorf("%w: %v", ErrPoisoned, err)
+		if uerr := s.undoLocked(tx); uerr != nil {
+			s.poisoned = fmt.Errorf("%w: %v", ErrPoisoned, err)
+		}
 		s.mu.Unlock()
 		return err
 	}
@@ -395,8 +399,48 @@ func (s *Store) Apply(op func(tx *Tx) error, extra func(tx *bolt.Tx) error) erro
 	return nil
 }
 
+// undoLocked takes back what op did in memory after its commit failed, so
+// that the store goes on as if the Apply had not happened: the caller was
+// told it failed, and a later commit must not make it durable after all.
+// Creating trees (NewTree, Clone: a snapshot, an image) is undone by
+// dropping them; the other changes (Replace, Clear, Delete) are not, and
+// leave the store poisoned (an error here). A commit fails before anything
+// of it is durable, for example when the caller's extra cannot write its
+// files on a full file system, so undoing the creation is exact. s.mu held.
+func (s *Store) undoLocked(tx *Tx) (err error) {
+	if tx.changed {
+		return errors.New("changes to existing trees cannot be undone")
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			me, ok := r.(metaErr)
+			if !ok {
+				panic(r)
+			}
+			err = me.err
+		}
+	}()
+	for i := len(tx.created) - 1; i >= 0; i-- {
+		t := tx.created[i]
+		ts := s.trees[t]
+		if ts == nil {
+			continue
+		}
+		if ts.root != 0 {
+			s.decNode(ts.root, levels-1)
+		}
+		delete(s.trees, t)
+		s.dirtyTrees[t] = true
+	}
+	return nil
+}
+
 // Tx changes trees inside Apply.
-type Tx struct{ s *Store }
+type Tx struct {
+	s       *Store
+	created []TreeID // trees NewTree and Clone made
+	changed bool     // an existing tree was changed (Replace, Clear, Delete)
+}
 
 // NewTree creates an empty tree (every sector reads as zeros).
 func (tx *Tx) NewTree() TreeID {
@@ -406,6 +450,7 @@ func (tx *Tx) NewTree() TreeID {
 	s.dirtyCounters = true
 	s.trees[t] = &treeState{}
 	s.dirtyTrees[t] = true
+	tx.created = append(tx.created, t)
 	return t
 }
 
@@ -429,6 +474,7 @@ func (tx *Tx) Clone(src TreeID) (TreeID, error) {
 // what dst alone held.
 func (tx *Tx) Replace(dst, src TreeID) error {
 	s := tx.s
+	tx.changed = true
 	d, err := s.tree(dst)
 	if err != nil {
 		return err
@@ -451,6 +497,7 @@ func (tx *Tx) Replace(dst, src TreeID) error {
 // Clear empties tree t (back to all zeros), dropping what it alone held.
 func (tx *Tx) Clear(t TreeID) error {
 	s := tx.s
+	tx.changed = true
 	ts, err := s.tree(t)
 	if err != nil {
 		return err

@@ -3,6 +3,7 @@ package snapshots
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"math/rand/v2"
 	"path/filepath"
 	"testing"
@@ -365,5 +366,71 @@ func TestRandomAgainstModel(t *testing.T) {
 	}
 	if st := ts.s.Stats(); st.FreeBlocks != st.Blocks-1 || len(ts.s.nodes) != 0 {
 		t.Fatalf("after deleting every tree: %d of %d blocks free, %d nodes left", st.FreeBlocks, st.Blocks-1, len(ts.s.nodes))
+	}
+}
+
+// TestApplyFailedCommitUndone checks that an Apply whose commit fails (here
+// the caller's extra, as when it cannot write its files on a full file
+// system) leaves the store usable when the op only created trees: the new
+// trees are gone, nothing leaks, and later writes, commits and snapshots
+// work. An op that changed an existing tree still poisons the store.
+func TestApplyFailedCommitUndone(t *testing.T) {
+	ts := newTestStore(t)
+	var d TreeID
+	ts.apply(func(tx *Tx) error { d = tx.NewTree(); return nil })
+	ts.write(d, 0, []uint64{1, 2, 3})
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatal(err)
+	}
+	before := ts.s.Stats()
+	full := errors.New("no space left on device")
+	var snap, empty TreeID
+	err := ts.s.Apply(func(tx *Tx) (err error) {
+		snap, err = tx.Clone(d)
+		empty = tx.NewTree()
+		return err
+	}, func(*bolt.Tx) error { return full })
+	if !errors.Is(err, full) {
+		t.Fatalf("Apply with a failing extra: %v", err)
+	}
+	if ts.s.HasTree(snap) || ts.s.HasTree(empty) {
+		t.Fatal("the trees of a failed Apply still exist")
+	}
+	// The store goes on: writes to the disk (which shared its root with the
+	// dropped clone), a commit, a snapshot, and a check that finds nothing.
+	ts.write(d, 1, []uint64{9})
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatalf("commit after the failed Apply: %v", err)
+	}
+	var s2 TreeID
+	ts.apply(func(tx *Tx) (err error) { s2, err = tx.Clone(d); return err })
+	ts.write(d, 2, []uint64{10})
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := ts.s.Check(CheckOptions{})
+	if err != nil || !rep.OK() {
+		t.Fatalf("check after the failed Apply: %v %v", rep, err)
+	}
+	// Sector 1 was overwritten in place, which a block still shared with
+	// the dropped clone would not allow; sector 2's write after s2 took one
+	// new block.
+	if st := ts.s.Stats(); st.Blocks-st.FreeBlocks != before.Blocks-before.FreeBlocks+1 {
+		t.Fatalf("blocks in use %d, want %d", st.Blocks-st.FreeBlocks, before.Blocks-before.FreeBlocks+1)
+	}
+	ts.crash()
+	ts.check(d, model{0: 1, 1: 9, 2: 10}, 0, 8)
+	ts.check(s2, model{0: 1, 1: 9, 2: 3}, 0, 8)
+	if ts.s.HasTree(snap) || ts.s.HasTree(empty) {
+		t.Fatal("a tree of the failed Apply came back after a reopen")
+	}
+
+	// A failed Apply that changed an existing tree cannot be taken back.
+	err = ts.s.Apply(func(tx *Tx) error { return tx.Replace(d, s2) }, func(*bolt.Tx) error { return full })
+	if !errors.Is(err, full) {
+		t.Fatalf("Apply(Replace) with a failing extra: %v", err)
+	}
+	if err := ts.s.Commit(nil); !errors.Is(err, ErrPoisoned) {
+		t.Fatalf("commit after a failed Replace: %v, want ErrPoisoned", err)
 	}
 }

@@ -325,3 +325,50 @@ func TestSnapshotsFollowDiskID(t *testing.T) {
 		t.Errorf("the new disk d reads %d after the refused reset, want 2", got[0])
 	}
 }
+
+// TestSnapshotFailedDirKeepsVolume checks that a snapshot whose directory
+// cannot be written (as on a full file system) fails alone: the volume
+// stays usable (writes, syncs, other snapshots), with nothing left of the
+// failed snapshot. It used to leave the store refusing every later write
+// until the volume was opened again.
+func TestSnapshotFailedDirKeepsVolume(t *testing.T) {
+	tv := newTestVol(t, true)
+	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	tv.write("d", 0, fill(1, SectorSize))
+	root := filepath.Join(tv.dir, snapshotsDir)
+	if err := os.RemoveAll(root); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(root, nil, 0o600); err != nil { // MkdirAll under it fails
+		t.Fatal(err)
+	}
+	if _, err := tv.v.CreateSnapshot("d", "s1"); err == nil {
+		t.Fatal("a snapshot whose directory cannot be written was created")
+	}
+	if l, _ := tv.v.ListSnapshots(""); len(l) != 0 {
+		t.Fatalf("snapshots after the failure: %v", l)
+	}
+	h, err := tv.v.OpenDisk("d", true, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.WriteAt(fill(2, SectorSize), SectorSize); err != nil {
+		t.Fatalf("write after the failed snapshot: %v", err)
+	}
+	if err := h.Sync(); err != nil {
+		t.Fatalf("sync after the failed snapshot: %v", err)
+	}
+	h.Close()
+	os.Remove(root)
+	if _, err := tv.v.CreateSnapshot("d", "s1"); err != nil {
+		t.Fatalf("snapshot once the directory can be written: %v", err)
+	}
+	if rep := tv.check(false); !rep.OK() {
+		t.Fatalf("check: %v", rep.All())
+	}
+	if got := tv.readSnap("d", "s1"); got[0] != 1 || got[SectorSize] != 2 {
+		t.Fatalf("snapshot reads %d, %d; want 1, 2", got[0], got[SectorSize])
+	}
+}

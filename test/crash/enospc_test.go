@@ -18,7 +18,8 @@ const chunk = 1 << 20 // the unit TestENOSPC writes and checks
 //
 //  1. punch a hole through the mount (what fstrim or discard does);
 //  2. `encdisk snapshot delete` of a snapshot that holds blocks alone;
-//  3. delete a file of the backing file system.
+//  3. delete a file of the backing file system;
+//  4. (a snapshot taken while full, which must fail alone) punch again.
 //
 // Each time the writer must see ENOSPC (not EIO, not a hang), an fsync
 // right after must still succeed (the metadata has room to commit), every
@@ -105,21 +106,28 @@ func TestENOSPC(t *testing.T) {
 		}
 	}
 
+	// punch punches 16 chunks from first through the mount of the full
+	// volume, then writes 4 more chunks and checks everything.
+	punch := func(round string, first int) {
+		t.Helper()
+		for i := first; i < first+16; i++ {
+			c.expect[i] = 0
+		}
+		if err := unix.Fallocate(int(c.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(first)*chunk, 16*chunk); err != nil {
+			t.Fatalf("%s: punch 16 MiB through the mount of a full volume: %v", round, err)
+		}
+		c.mustSync(round + ", punched")
+		for i := 0; i < 4; i++ {
+			c.mustWrite(next, uint64(100+next))
+			next++
+		}
+		c.mustSync(round + ", after punch")
+		c.verify(round + ", after punch")
+	}
+
 	// 1. Punch a hole through the mount.
 	fill("round 1", 64)
-	for i := 8; i < 24; i++ {
-		c.expect[i] = 0
-	}
-	if err := unix.Fallocate(int(c.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 8*chunk, 16*chunk); err != nil {
-		t.Fatalf("punch 16 MiB through the mount of a full volume: %v", err)
-	}
-	c.mustSync("round 1, punched")
-	for i := 0; i < 4; i++ {
-		c.mustWrite(next, uint64(100+next))
-		next++
-	}
-	c.mustSync("round 1, after punch")
-	c.verify("round 1, after punch")
+	punch("round 1", 8)
 
 	// 2. Delete a snapshot.
 	fill("round 2", 1)
@@ -144,6 +152,22 @@ func TestENOSPC(t *testing.T) {
 	c.mustSync("round 3, after freeing space")
 	c.verify("round 3, after freeing space")
 
+	// 4. A snapshot taken on the full file system: it may fail (its
+	// directory's file cannot be written), but it fails alone: the
+	// volume's writes and fsyncs go on, and work again once space is
+	// freed. It used to leave every later write and fsync with EIO until a
+	// remount.
+	fill("round 4", 8)
+	if out, err := e.try("snapshot", "create", e.vol, "d", "s-full"); err != nil {
+		t.Logf("round 4: snapshot on the full file system: %v: %s", err, out)
+	} else {
+		e.run("snapshot", "delete", e.vol, "s-full")
+	}
+	c.mustSync("round 4, after the snapshot")
+	punch("round 4", 24)
+	e.run("snapshot", "create", e.vol, "d", "s-after")
+	e.run("snapshot", "delete", e.vol, "s-after")
+
 	c.f.Close()
 	e.umount()
 	e.mount()
@@ -152,7 +176,7 @@ func TestENOSPC(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(e.mnt, ".snapshots", "d", "s0")); !os.IsNotExist(err) {
 		t.Errorf("deleted snapshot s0: stat says %v", err)
 	}
-	t.Logf("3 rounds of ENOSPC: writer saw ENOSPC each time, fsynced data intact, writes resumed after punch, snapshot delete and freeing the backing file system; %d chunks checked after a remount", len(c.expect))
+	t.Logf("4 rounds of ENOSPC: writer saw ENOSPC each time, fsynced data intact, writes resumed after punch, snapshot delete, freeing the backing file system and a snapshot on the full file system; %d chunks checked after a remount", len(c.expect))
 }
 
 func make4(n int) []byte {
