@@ -114,13 +114,12 @@ func volumeBilling(cfg *config.Config) *volume.Billing {
 }
 
 // billingFromFile reads the [billing] table of the config file at path for
-// every billed operation, so the mount daemon sees a top-up at once ("" or a
-// file that went away: free).
+// every billed operation, so the mount daemon sees a top-up at once. With
+// path "" it looks in the default locations each time (no file: free), as
+// every command does; a broken file fails the operation, as it would
+// unmounted.
 func billingFromFile(path string) func() (*volume.Billing, error) {
 	return func() (*volume.Billing, error) {
-		if path == "" {
-			return &volume.Billing{}, nil
-		}
 		cfg, err := config.Load(path)
 		if err != nil {
 			return nil, err

@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/encdisk/encdisk/config"
 	"github.com/encdisk/encdisk/control"
 	"github.com/encdisk/encdisk/fs"
 	"github.com/encdisk/encdisk/keystore"
@@ -82,7 +83,10 @@ type daemonSecret struct {
 	Keystore   string `json:"keystore,omitempty"` // "" when there is no keystore
 	Passphrase []byte `json:"passphrase,omitempty"`
 	KeyFile    string `json:"key_file,omitempty"`
-	// Config is the config file the daemon reads [billing] from ("" none).
+	// Config is the config file the mount was given (--config or
+	// ENCDISK_CONFIG, made absolute), which the daemon reads [billing]
+	// from for each billed operation; "" means the default locations,
+	// looked up each time, so a config.toml created later counts too.
 	Config string `json:"config,omitempty"`
 }
 
@@ -175,8 +179,8 @@ func runMount(c *cli.Context) error {
 		return withHint(fmt.Errorf("the keystore %s is inside the mount point %s: the mount would hide it, and with it every key of the volume's encrypted disks", sec.Keystore, a.mp),
 			"mount on a directory that contains neither the volume nor its keystore")
 	}
-	if e.cfg.Path != "" {
-		sec.Config, _ = filepath.Abs(e.cfg.Path)
+	if explicit := firstNonEmpty(flagString(c, "config"), os.Getenv(config.Env)); explicit != "" {
+		sec.Config, _ = filepath.Abs(explicit)
 	}
 	if c.Bool("foreground") {
 		return runDaemon(c, a, sec, func(err error) {

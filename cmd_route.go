@@ -187,6 +187,11 @@ func volumeCall(c *cli.Context, dir, op string, args, result any) error {
 	if err != nil {
 		return err
 	}
+	// The daemon has its own configuration, but a broken config.toml is
+	// an error mounted or not.
+	if _, err := loadEnv(c); err != nil {
+		return err
+	}
 	sock := socketAddr(volume.SocketPath(abs))
 	cancel := currentImageTransfer().Cancel
 	for attempt := 0; ; attempt++ {
