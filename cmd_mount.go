@@ -158,6 +158,19 @@ func runMount(c *cli.Context) error {
 	if err := checkMount(a); err != nil {
 		return err
 	}
+	e, err := loadEnv(c)
+	if err != nil {
+		return err
+	}
+	if ks, _, err := e.keystoreFor(a.absVol); err == nil {
+		if isInside(ks, a.absMP) {
+			return withHint(fmt.Errorf("the keystore %s is inside the mount point %s: the mount would hide it, and with it every key of the volume's encrypted disks", ks, a.mp),
+				"mount on a directory that contains neither the volume nor its keystore")
+		}
+		if isInside(a.absMP, ks) {
+			return fmt.Errorf("mount point %s is inside the keystore %s", a.mp, ks)
+		}
+	}
 	// Create the mount point now, and name it as the kernel will (symlinks
 	// resolved), so `encdisk umount` finds it by either name.
 	if err := os.MkdirAll(a.absMP, 0o755); err != nil {
@@ -166,18 +179,9 @@ func runMount(c *cli.Context) error {
 	if r, err := filepath.EvalSymlinks(a.absMP); err == nil {
 		a.absMP = r
 	}
-	e, err := loadEnv(c)
-	if err != nil {
-		return err
-	}
 	sec, err := mountSecret(e, a.absVol)
 	if err != nil {
 		return err
-	}
-	if sec.Keystore != "" && isInside(sec.Keystore, a.absMP) {
-		sec.wipe()
-		return withHint(fmt.Errorf("the keystore %s is inside the mount point %s: the mount would hide it, and with it every key of the volume's encrypted disks", sec.Keystore, a.mp),
-			"mount on a directory that contains neither the volume nor its keystore")
 	}
 	if explicit := firstNonEmpty(flagString(c, "config"), os.Getenv(config.Env)); explicit != "" {
 		sec.Config, _ = filepath.Abs(explicit)
@@ -210,6 +214,10 @@ func checkMount(a mountArgs) error {
 	}
 	if isInside(a.absMP, a.absVol) {
 		return fmt.Errorf("mount point %s is inside the volume %s", a.mp, a.vol)
+	}
+	if mp := encdiskMountOf(a.absMP); mp != "" {
+		return withHint(fmt.Errorf("mount point %s is inside the encdisk mount %s, which holds only disk files", a.mp, mp),
+			"mount on a directory of an ordinary file system")
 	}
 	if isInside(a.absVol, a.absMP) {
 		return withHint(fmt.Errorf("the volume %s is inside the mount point %s: the mount would hide the volume's own files from every later command", a.vol, a.mp),
