@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"strings"
 
@@ -61,6 +62,14 @@ func run(args []string, stdout, stderr io.Writer) (code int) {
 			code = exitError
 		}
 	}()
+	// A relative runtime directory means relative to where the command
+	// runs, also for the mount daemon it starts (which works from the
+	// volume's directory).
+	if d := os.Getenv("ENCDISK_RUNTIME_DIR"); d != "" && !filepath.IsAbs(d) {
+		if abs, err := filepath.Abs(d); err == nil {
+			os.Setenv("ENCDISK_RUNTIME_DIR", abs)
+		}
+	}
 	app := newApp(stdout, stderr)
 	err := app.Run(interspersed(app, args))
 	if err == nil {
