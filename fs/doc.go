@@ -36,8 +36,9 @@
 //     writing fail with EROFS, so losetup falls back to read-only.
 //   - read, write: any offset and length, passed to ReadAt and WriteAt as
 //     they come. A read is short only at the end of the disk. Disks do not
-//     grow by writing: a write past the end fails with the Disk's ENOSPC
-//     or EFBIG.
+//     grow by writing: like a block device, a write across the end is
+//     short (the disk writes what fits), and one at or past the end fails
+//     with the Disk's ENOSPC or EFBIG.
 //   - fsync, fdatasync: Disk.Sync; durable when they return.
 //   - flush (every close(2)): Disk.Sync if this open wrote since its last
 //     sync; closing a file that was only read costs nothing.

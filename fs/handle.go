@@ -49,10 +49,10 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 	return fuse.ReadResultData(dest[:n]), 0
 }
 
-// Write writes at off. A write that reaches past the end of the disk is
-// refused by the disk (ENOSPC or EFBIG): disks grow only by truncate or
-// fallocate. A partial write reports its count; the error comes with the
-// next write.
+// Write writes at off. Past the end of the disk the disk refuses (ENOSPC
+// or EFBIG): disks grow only by truncate or fallocate. A write across the
+// end is partial: it reports its count, and the error comes with the next
+// write, as on a block device.
 func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
 	if h.readOnly {
 		return 0, h.m.refuse("write", h.name, syscall.EROFS, "read-only")

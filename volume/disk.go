@@ -220,17 +220,30 @@ func (h *Disk) checkWrite(off int64, n int) error {
 	if off < 0 {
 		return syscall.EINVAL
 	}
-	if size := h.Size(); off+int64(n) > size {
-		return fmt.Errorf("volume: write past the end of disk %s (%d bytes; grow it with `encdisk disk resize`): %w", h.d.rec.Name, size, syscall.ENOSPC)
+	if size := h.Size(); n > 0 && off >= size {
+		return h.pastEnd(size)
 	}
 	return nil
 }
 
+func (h *Disk) pastEnd(size int64) error {
+	return fmt.Errorf("volume: write past the end of disk %s (%d bytes; grow it with `encdisk disk resize`): %w", h.d.rec.Name, size, syscall.ENOSPC)
+}
+
 // WriteAt writes at any offset and length inside the disk; partial sectors
-// are read, modified and written back.
+// are read, modified and written back. Like a block device, a write that
+// crosses the end of the disk writes what fits and returns that count with
+// ENOSPC; one that starts at or past the end writes nothing.
 func (h *Disk) WriteAt(p []byte, off int64) (int, error) {
 	if err := h.checkWrite(off, len(p)); err != nil {
 		return 0, err
+	}
+	if size := h.Size(); off+int64(len(p)) > size {
+		n, err := h.WriteAt(p[:size-off], off)
+		if err == nil {
+			err = h.pastEnd(size)
+		}
+		return n, err
 	}
 	sc := scratchPool.Get().(*scratch)
 	defer scratchPool.Put(sc)

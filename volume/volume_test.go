@@ -308,8 +308,13 @@ func TestDataPath(t *testing.T) {
 			if err := h.Sync(); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := h.WriteAt(make([]byte, 10), size-5); !errors.Is(err, syscall.ENOSPC) {
-				t.Errorf("write past the end: %v", err)
+			// Across the end, what fits is written, as on a block device.
+			if n, err := h.WriteAt(fill(7, 10), size-5); n != 5 || !errors.Is(err, syscall.ENOSPC) {
+				t.Errorf("write across the end: %d, %v; want 5, ENOSPC", n, err)
+			}
+			copy(model[size-5:], fill(7, 5))
+			if n, err := h.WriteAt(make([]byte, 10), size); n != 0 || !errors.Is(err, syscall.ENOSPC) {
+				t.Errorf("write at the end: %d, %v; want 0, ENOSPC", n, err)
 			}
 			h.Close()
 			// Reopened with the pool out of the page cache: the first
