@@ -98,6 +98,10 @@ func parseBytes(flag, s, hint string) (uint64, error) {
 	if err != nil {
 		return 0, withHint(usageErrorf("--%s %q: not a size", flag, s), "%s", hint)
 	}
+	if strings.Trim(s, "0123456789.") == "" && strings.Contains(s, ".") {
+		// ParseBytes rounds 1.5 (bytes) down to 1.
+		return 0, withHint(usageErrorf("--%s %s: a size without a unit is in bytes, and bytes are whole", flag, s), "%s", hint)
+	}
 	return n, nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -213,16 +214,25 @@ func readPassphraseFile(path string) ([]byte, error) {
 		return nil, withHint(fmt.Errorf("passphrase file: %w", err), "%s and --passphrase-file name a file holding the passphrase", envPassphraseFile)
 	}
 	defer f.Close()
-	if fi, err := f.Stat(); err == nil && fi.Mode().Perm()&0o077 != 0 {
+	fi, err := f.Stat()
+	if err == nil && fi.IsDir() {
+		return nil, withHint(fmt.Errorf("passphrase file %s is a directory", path),
+			"%s and --passphrase-file name a file holding the passphrase", envPassphraseFile)
+	}
+	if err == nil && fi.Mode().Perm()&0o077 != 0 {
 		fmt.Fprintf(os.Stderr, "encdisk: warning: passphrase file %s is readable by others (mode %04o); chmod 600 it\n", path, fi.Mode().Perm())
 	}
 	buf := make([]byte, 4097)
-	n, _ := f.Read(buf)
+	n := 0
 	for n < len(buf) {
 		m, err := f.Read(buf[n:])
 		n += m
-		if err != nil || m == 0 {
+		if err == io.EOF || (err == nil && m == 0) {
 			break
+		}
+		if err != nil {
+			wipeBytes(buf)
+			return nil, fmt.Errorf("passphrase file %s: %w", path, err)
 		}
 	}
 	if n > 4096 {
@@ -252,7 +262,10 @@ func wipeSecret(s *keystore.Secret) {
 
 // unlock opens the keystore in dir with the configured secret.
 func (e *env) unlock(dir, source string) (*keystore.Keystore, error) {
-	if !keystore.Exists(dir) {
+	if err := keystore.Probe(dir); err != nil {
+		if !errors.Is(err, keystore.ErrNoKeystore) {
+			return nil, withHint(fmt.Errorf("keystore at %s (from %s): %w", dir, source, err), "run encdisk as a user who may read the keystore (it is mode 0700, its owner's)")
+		}
 		return nil, withHint(&quietErr{fmt.Sprintf("no keystore at %s (from %s)", dir, source), keystore.ErrNoKeystore},
 			"create one with `encdisk init VOL --keystore DIR`, or point to it with --keystore DIR or %s", envKeystore)
 	}

@@ -36,15 +36,17 @@ func loopDevices(path string, under bool) []string {
 // process that made it. For a loop device that is losetup, which exits at
 // once while the device holds the file open: the pid then names nothing,
 // and what the user needs is the device to detach. So an open whose process
-// has exited is described by the loop devices backed by the file, if any.
+// has exited is described by the loop devices backed by the file, if any,
+// and one whose process lives by its command now (a shell that opened the
+// disk may have become the program it ran, as in `sh -c 'exec sleep 9 <d'`).
 func mountOpener(mp string) func(disk, snapshot, who string) string {
 	return func(disk, snapshot, who string) string {
 		pid, ok := openerPID(who)
 		if !ok {
 			return who
 		}
-		if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); err == nil {
-			return who
+		if comm, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm"); err == nil {
+			return fmt.Sprintf("pid %d (%s)", pid, strings.TrimSpace(string(comm)))
 		}
 		path := filepath.Join(mp, disk)
 		if snapshot != "" {

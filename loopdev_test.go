@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -36,13 +37,18 @@ func TestMountOpener(t *testing.T) {
 	fakeLoops(t, "/mnt/disks/d1", "", "/mnt/disks/.snapshots/d1/s1", "/mnt/disks/d10", "/other/d1", "/mnt/disks/d1 (deleted)")
 	// A pid that no longer exists: above pid_max, never a live process.
 	const gone = "pid 99999999 (losetup)"
-	self := "pid " + strconv.Itoa(os.Getpid()) + " (test)"
+	comm, err := os.ReadFile("/proc/self/comm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A live process is named by its command now, not the one recorded.
+	self := "pid " + strconv.Itoa(os.Getpid()) + " (" + strings.TrimSpace(string(comm)) + ")"
 	open := mountOpener("/mnt/disks")
 	for _, c := range []struct{ disk, snap, who, want string }{
 		{"d1", "", gone, "loop device /dev/loop0, /dev/loop5 (set up by pid 99999999 (losetup))"},
 		{"d1", "s1", gone, "loop device /dev/loop2 (set up by pid 99999999 (losetup))"},
 		{"d2", "", gone, "pid 99999999 (losetup), since exited"},
-		{"d1", "", self, self},     // a live process is named as it is
+		{"d1", "", "pid " + strconv.Itoa(os.Getpid()) + " (bash)", self},
 		{"d1", "", "fuzz", "fuzz"}, // not a pid
 	} {
 		if got := open(c.disk, c.snap, c.who); got != c.want {

@@ -126,9 +126,22 @@ func kekAAD(k kdfDesc) []byte {
 }
 
 // Exists reports whether dir holds a keystore (a keystore.json regular file).
-func Exists(dir string) bool {
+func Exists(dir string) bool { return Probe(dir) == nil }
+
+// Probe is Exists with the reason: nil if dir holds a keystore, an error
+// wrapping ErrNoKeystore if it does not, and any other error (no permission
+// to look, say) as it is.
+func Probe(dir string) error {
 	fi, err := os.Stat(filepath.Join(dir, rootName))
-	return err == nil && fi.Mode().IsRegular()
+	switch {
+	case errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENOTDIR):
+		return fmt.Errorf("keystore: %s: %w", dir, ErrNoKeystore)
+	case err != nil:
+		return fmt.Errorf("keystore: %w", err)
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("keystore: %s: %s is not a file: %w", dir, rootName, ErrNoKeystore)
+	}
+	return nil
 }
 
 // Create makes a new keystore in dir (created with mode 0700 if missing; an existing

@@ -274,3 +274,23 @@ func TestChangeSecret(t *testing.T) {
 		t.Fatalf("ChangeSecret without a keystore: %v", err)
 	}
 }
+
+// TestProbe checks that Probe tells a missing keystore from one that cannot
+// be looked at.
+func TestProbe(t *testing.T) {
+	dir := t.TempDir()
+	if err := Probe(dir); !errors.Is(err, ErrNoKeystore) {
+		t.Errorf("empty directory: %v, want ErrNoKeystore", err)
+	}
+	file := filepath.Join(dir, "f")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := Probe(file); !errors.Is(err, ErrNoKeystore) {
+		t.Errorf("a file for the directory: %v, want ErrNoKeystore", err)
+	}
+	long := filepath.Join(dir, strings.Repeat("x", 300)) // ENAMETOOLONG: neither absent nor there
+	if err := Probe(long); err == nil || errors.Is(err, ErrNoKeystore) {
+		t.Errorf("an unreachable path: %v, want an error other than ErrNoKeystore", err)
+	}
+}
