@@ -151,8 +151,8 @@ func checkDirect(abs string, repair bool) (*checkResult, error) {
 		return nil, err
 	}
 	if stale {
-		rep.Problems = append(rep.Problems, snapshots.Problem{Kind: problemSocket, Fixable: true, Repaired: repair,
-			Detail: fmt.Sprintf("%s is left from a daemon that is gone (killed?)", sock)})
+		rep.Problems = append(rep.Problems, snapshots.Problem{Kind: problemSocket, Fixable: true, Repaired: repair, Harmless: !repair,
+			Detail: fmt.Sprintf("%s is left from a daemon that is gone (killed?); the next mount or command replaces it", sock)})
 	}
 	return &checkResult{CheckReport: *rep}, nil
 }
@@ -178,9 +178,17 @@ func printCheck(c *cli.Context, vol string, r *checkResult) {
 			fixed++
 		}
 	}
+	harmless := 0
+	for _, p := range all {
+		if p.Harmless && !p.Repaired {
+			harmless++
+		}
+	}
 	verdict := "consistent"
 	switch {
 	case len(all) == 0:
+	case r.OK && harmless == len(all)-fixed && fixed == 0:
+		verdict = fmt.Sprintf("consistent (%d harmless leftover(s))", harmless)
 	case r.OK:
 		verdict = fmt.Sprintf("%d problem(s), all repaired", len(all))
 	default:

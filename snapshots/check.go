@@ -43,6 +43,10 @@ type Problem struct {
 	Fixable bool `json:"fixable"`
 	// Repaired: repair fixed it.
 	Repaired bool `json:"repaired,omitempty"`
+	// Harmless: nothing is wrong with the data and the volume works as it
+	// is (a leftover that the next mount or repair tidies up). Reported,
+	// but a report with only harmless problems is OK.
+	Harmless bool `json:"harmless,omitempty"`
 }
 
 func (p Problem) String() string {
@@ -50,6 +54,8 @@ func (p Problem) String() string {
 	switch {
 	case p.Repaired:
 		s += " (repaired)"
+	case p.Harmless:
+		s += " (harmless)"
 	case !p.Fixable:
 		s += " (cannot be repaired automatically)"
 	}
@@ -79,7 +85,7 @@ type CheckReport struct {
 // OK reports whether nothing is wrong (or everything found was repaired).
 func (r *CheckReport) OK() bool {
 	for _, p := range r.Problems {
-		if !p.Repaired {
+		if !p.Repaired && !p.Harmless {
 			return false
 		}
 	}
@@ -488,6 +494,9 @@ func (sc *scan) checkPoolSize(f *os.File) {
 	}
 	sc.r.Add(ProblemPoolShort, true, "the pool file is %d bytes, shorter than the %d blocks (%d bytes) the metadata spans; only free blocks are missing",
 		fi.Size(), sc.hwm, end)
+	if ps := sc.r.Problems; len(ps) > 0 && ps[len(ps)-1].Kind == ProblemPoolShort {
+		ps[len(ps)-1].Harmless = true // left by ENOSPC; the next write past it extends the file
+	}
 	sc.extendPool = true
 }
 

@@ -588,3 +588,36 @@ func BenchmarkCheck(b *testing.B) {
 	}
 	b.ReportMetric(float64(n+n/2)*float64(b.N)/b.Elapsed().Seconds(), "mapped-blocks/s")
 }
+
+// TestCheckPoolShortOfFreeBlocks checks that a pool file ending before its
+// last blocks, when those are free (what a write that hit ENOSPC leaves), is
+// reported as harmless and the store as OK, while one block more, a mapped
+// one, is a real problem.
+func TestCheckPoolShortOfFreeBlocks(t *testing.T) {
+	f := newCheckFixture(t)
+	fi, err := f.s.Pool().Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The fixture's last four blocks were discarded: free.
+	if err := f.s.Pool().Truncate(fi.Size() - 4*BlockSize); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := f.s.Check(CheckOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Problems) != 1 || rep.Problems[0].Kind != ProblemPoolShort || !rep.Problems[0].Harmless || !rep.OK() {
+		t.Fatalf("pool short of free blocks only: OK %v, %v", rep.OK(), rep.Problems)
+	}
+	if err := f.s.Pool().Truncate(fi.Size() - 5*BlockSize); err != nil {
+		t.Fatal(err)
+	}
+	rep, err = f.s.Check(CheckOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() || len(rep.Problems) == 0 || rep.Problems[0].Harmless {
+		t.Fatalf("pool short of a mapped block: OK %v, %v", rep.OK(), rep.Problems)
+	}
+}

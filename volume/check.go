@@ -47,7 +47,7 @@ type CheckReport struct {
 // OK reports whether nothing is wrong (or all of it was repaired).
 func (r *CheckReport) OK() bool {
 	for _, p := range r.Problems {
-		if !p.Repaired {
+		if !p.Repaired && !p.Harmless {
 			return false
 		}
 	}
