@@ -122,6 +122,17 @@ func (c *Cipher) DecryptSectors(dst, src []byte, firstSector uint64) {
 	c.sectors(dst, src, firstSector, true)
 }
 
+// DecryptSectorsSerial is DecryptSectors on the calling goroutine alone,
+// whatever the size. Splitting a buffer pays when its ciphertext is in the
+// CPU's cache and other cores are idle; it does not when the ciphertext
+// comes from memory, whose bandwidth the cores share, and the caller goes
+// on to copy the plaintext, which a second core's writes make slower to
+// read (the read path of a mount; see docs/PERFORMANCE.md).
+func (c *Cipher) DecryptSectorsSerial(dst, src []byte, firstSector uint64) {
+	checkSectors(dst, src)
+	c.serial(dst, src, firstSector, true)
+}
+
 // Wipe zeroes the key material the Cipher holds. The Cipher must not be used
 // afterwards: any further encryption or decryption panics. See the package
 // documentation for what Wipe can and cannot reach.

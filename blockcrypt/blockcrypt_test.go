@@ -465,6 +465,11 @@ func TestSectorsMatchLoop(t *testing.T) {
 					if !bytes.Equal(got, want) {
 						t.Fatal("EncryptSectors differs from EncryptSector loop")
 					}
+					serial := make([]byte, len(got))
+					c.DecryptSectorsSerial(serial, got, first)
+					if !bytes.Equal(serial, src) {
+						t.Fatal("DecryptSectorsSerial does not round-trip")
+					}
 					c.DecryptSectors(got, got, first)
 					if !bytes.Equal(got, src) {
 						t.Fatal("DecryptSectors in place does not round-trip")
@@ -540,6 +545,9 @@ func TestNoAllocs(t *testing.T) {
 		// the parallel one allocates its goroutines once per call.
 		if n := testing.AllocsPerRun(100, func() { c.EncryptSectors(buf, buf, 7) }); n != 0 {
 			t.Errorf("%s: EncryptSectors(64 KiB) allocates %v times", e.name, n)
+		}
+		if n := testing.AllocsPerRun(100, func() { c.DecryptSectorsSerial(buf, buf, 7) }); n != 0 {
+			t.Errorf("%s: DecryptSectorsSerial allocates %v times", e.name, n)
 		}
 	}
 }

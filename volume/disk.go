@@ -176,10 +176,12 @@ func (h *Disk) readSectors(p []byte, first uint64, sc *scratch) error {
 		sector := first + uint64(i)
 		// Data in the host's page cache is decrypted (or copied) from it
 		// in one pass; a pread would copy it out first. See
-		// snapshots.Store.ReadMapped.
+		// snapshots.Store.ReadMapped. On one core: from memory, a second
+		// one does not decrypt faster, and it slows the copy of the reply
+		// that follows (docs/PERFORMANCE.md).
 		if st.ReadMapped(blocks[i], j-i, func(src []byte) {
 			if h.cipher != nil {
-				h.cipher.DecryptSectors(seg, src, sector)
+				h.cipher.DecryptSectorsSerial(seg, src, sector)
 			} else {
 				copy(seg, src)
 			}
