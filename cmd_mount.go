@@ -549,6 +549,14 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	if err := os.MkdirAll(a.absMP, 0o755); err != nil {
 		return fmt.Errorf("mount point: %w", err)
 	}
+	// Take SIGINT and SIGTERM from here on, before mounting: dying of one
+	// while the mount comes up, when go-fuse opens a file on the new mount
+	// (its poll probe), leaves that open waiting for an answer only this
+	// process could give, so the process never exits and the mount hangs.
+	// A signal that arrives meanwhile is handled once the mount is up.
+	sigc := make(chan os.Signal, 2)
+	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigc)
 	fsrv, err = fs.Mount(a.absMP, backend{v}, fs.Options{AllowOther: a.allowOther, Debug: a.debug, Logger: logger})
 	if err != nil {
 		if os.Geteuid() != 0 {
@@ -565,9 +573,6 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 		defer os.Remove(recPath)
 	}
 
-	sigc := make(chan os.Signal, 2)
-	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	defer signal.Stop(sigc)
 	go func() {
 		for sig := range sigc {
 			if sig == syscall.SIGHUP {
@@ -710,13 +715,17 @@ func isMountpoint(path string) (bool, error) {
 }
 
 // encdiskMountOf returns the encdisk mount point that path is in or below
-// (the innermost, if mounts nest), or "".
+// (the innermost, if mounts nest), or "". Only path is resolved: the mount
+// points are compared as mountinfo lists them (absolute, symlinks
+// resolved), never looked at, since any of them may belong to a daemon that
+// is stopped or stuck, and a stat there would hang this command too.
 func encdiskMountOf(path string) string {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return ""
 	}
 	defer f.Close()
+	path = resolvePath(path)
 	best := ""
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
@@ -727,7 +736,7 @@ func encdiskMountOf(path string) string {
 			continue
 		}
 		mp := unescapeMountinfo(fields[4])
-		if len(mp) > len(best) && isInside(path, mp) {
+		if len(mp) > len(best) && (path == mp || strings.HasPrefix(path, strings.TrimSuffix(mp, "/")+"/")) {
 			best = mp
 		}
 	}
