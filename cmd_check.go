@@ -187,7 +187,7 @@ func printCheck(c *cli.Context, vol string, r *checkResult) {
 	verdict := "consistent"
 	switch {
 	case len(all) == 0:
-	case r.OK && harmless == len(all)-fixed && fixed == 0:
+	case harmless == len(all):
 		verdict = fmt.Sprintf("consistent (%d harmless leftover(s))", harmless)
 	case r.OK:
 		verdict = fmt.Sprintf("%d problem(s), all repaired", len(all))

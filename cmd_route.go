@@ -189,7 +189,8 @@ func volumeCall(c *cli.Context, dir, op string, args, result any) error {
 	}
 	// The daemon has its own configuration, but a broken config.toml is
 	// an error mounted or not.
-	if _, err := loadEnv(c); err != nil {
+	e, err := loadEnv(c)
+	if err != nil {
 		return err
 	}
 	sock := socketAddr(volume.SocketPath(abs))
@@ -211,7 +212,7 @@ func volumeCall(c *cli.Context, dir, op string, args, result any) error {
 		if !errors.Is(err, control.ErrNoDaemon) {
 			return volError(err, dir)
 		}
-		err = directCall(c, abs, op, args, result)
+		err = directCall(e, abs, op, args, result)
 		if !errors.Is(err, volume.ErrLocked) {
 			return volError(err, dir)
 		}
@@ -225,11 +226,7 @@ func volumeCall(c *cli.Context, dir, op string, args, result any) error {
 }
 
 // directCall opens the volume, runs op and closes it.
-func directCall(c *cli.Context, abs, op string, args, result any) error {
-	e, err := loadEnv(c)
-	if err != nil {
-		return err
-	}
+func directCall(e *env, abs, op string, args, result any) error {
 	kms := &lazyKMS{e: e, volDir: abs}
 	defer kms.close()
 	billing := volumeBilling(e.cfg)

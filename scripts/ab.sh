@@ -13,6 +13,8 @@
 #   seqread    1 MiB at depth 4 for RT seconds, over and over the file
 #   coldread   one pass of 1 MiB reads after 6 s idle and drop_caches
 #   randread, randwrite   4 KiB at depth 8 in 2 jobs for RT seconds
+#   ext4read   seqread on a 1 GiB file in ext4 on a --direct-io=on loop
+#              device of each disk (the bench's ext4-loop seqread)
 # RT (environment) defaults to 5. Extra environment reaches the daemon, so
 # a variant switched by an environment variable can be compared with itself.
 # Needs root, fio and FUSE; about 20 s per round and job, 3 GiB in /var/tmp.
@@ -29,8 +31,8 @@ jobs=("$@")
 [ ${#jobs[@]} -gt 0 ] || jobs=(seqwrite seqread)
 RT=${RT:-5}
 for j in "${jobs[@]}"; do
-	case $j in seqwrite | seqwritet | seqwnf | seqread | coldread | randread | randwrite) ;;
-	*) echo "ab: unknown job $j (seqwrite seqwritet seqwnf seqread coldread randread randwrite)" >&2; exit 2 ;;
+	case $j in seqwrite | seqwritet | seqwnf | seqread | coldread | randread | randwrite | ext4read) ;;
+	*) echo "ab: unknown job $j (seqwrite seqwritet seqwnf seqread coldread randread randwrite ext4read)" >&2; exit 2 ;;
 	esac
 done
 
@@ -44,7 +46,12 @@ export ENCDISK_PASSPHRASE_FILE=$w/pw ENCDISK_KEYSTORE=$w/kms
 "$bin" disk create "$w/vol" plain --size 4GiB --encrypted=false >/dev/null
 "$bin" mount "$w/vol" "$w/mnt" --foreground 2>"$w/daemon.log" >/dev/null &
 daemon=$!
+loops=()
 cleanup() {
+	for d in enc plain; do
+		if mountpoint -q "$w/fs-$d"; then umount "$w/fs-$d"; fi
+	done
+	for l in "${loops[@]}"; do losetup -d "$l" || true; done
 	if mountpoint -q "$w/mnt"; then umount "$w/mnt"; fi
 	wait "$daemon" 2>/dev/null || true
 	rm -rf "$w"
@@ -55,9 +62,21 @@ trap 'exit 143' TERM
 for _ in $(seq 100); do [ -e "$w/mnt/enc" ] && break; sleep 0.1; done
 [ -e "$w/mnt/enc" ] || { echo "ab: the mount did not come up:" >&2; cat "$w/daemon.log" >&2; exit 1; }
 
+if [[ " ${jobs[*]} " == *" ext4read "* ]]; then
+	for d in enc plain; do
+		l=$(losetup --direct-io=on -f --show "$w/mnt/$d")
+		loops+=("$l")
+		mkfs.ext4 -q "$l"
+		mkdir -p "$w/fs-$d"
+		mount "$l" "$w/fs-$d"
+		fio --name=fill --filename="$w/fs-$d/f" --size=1G --direct=1 --ioengine=libaio --rw=write --bs=1M --iodepth=4 --end_fsync=1 --minimal >/dev/null
+	done
+fi
+
 run() { # disk job: prints MB/s
 	local a=(--name=ab --filename="$w/mnt/$1" --size=1G --direct=1 --ioengine=libaio --minimal) f
 	case $2 in
+	ext4read) a=(--name=ab --filename="$w/fs-$1/f" --size=1G --direct=1 --ioengine=libaio --minimal --rw=read --bs=1M --iodepth=4 --runtime="$RT" --time_based) f=7 ;;
 	seqwrite) a+=(--rw=write --bs=1M --iodepth=4 --end_fsync=1) f=48 ;;
 	seqwritet) a+=(--rw=write --bs=1M --iodepth=4 --runtime="$RT" --time_based --end_fsync=1) f=48 ;;
 	seqwnf) a+=(--rw=write --bs=1M --iodepth=4 --runtime="$RT" --time_based) f=48 ;;

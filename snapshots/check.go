@@ -116,8 +116,9 @@ func (r *CheckReport) Unfixable() int {
 	return n
 }
 
-// Add records a problem (at most maxPerKind of each kind are listed).
-func (r *CheckReport) Add(kind string, fixable bool, format string, args ...any) {
+// Add records a problem (at most maxPerKind of each kind are listed) and
+// returns it, or nil when it was only counted.
+func (r *CheckReport) Add(kind string, fixable bool, format string, args ...any) *Problem {
 	n := 0
 	for _, p := range r.Problems {
 		if p.Kind == kind {
@@ -129,9 +130,10 @@ func (r *CheckReport) Add(kind string, fixable bool, format string, args ...any)
 			r.Omitted = map[string]int{}
 		}
 		r.Omitted[kind]++
-		return
+		return nil
 	}
 	r.Problems = append(r.Problems, Problem{Kind: kind, Detail: fmt.Sprintf(format, args...), Fixable: fixable})
+	return &r.Problems[len(r.Problems)-1]
 }
 
 const maxPerKind = 50
@@ -492,10 +494,9 @@ func (sc *scan) checkPoolSize(f *os.File) {
 			fi.Size(), sc.hwm, end, lost)
 		return
 	}
-	sc.r.Add(ProblemPoolShort, true, "the pool file is %d bytes, shorter than the %d blocks (%d bytes) the metadata spans; only free blocks are missing",
-		fi.Size(), sc.hwm, end)
-	if ps := sc.r.Problems; len(ps) > 0 && ps[len(ps)-1].Kind == ProblemPoolShort {
-		ps[len(ps)-1].Harmless = true // left by ENOSPC; the next write past it extends the file
+	if p := sc.r.Add(ProblemPoolShort, true, "the pool file is %d bytes, shorter than the %d blocks (%d bytes) the metadata spans; only free blocks are missing",
+		fi.Size(), sc.hwm, end); p != nil {
+		p.Harmless = true // left by ENOSPC; the next write past it extends the file
 	}
 	sc.extendPool = true
 }
