@@ -354,6 +354,10 @@ func FuzzXTS(f *testing.F) {
 				if !bytes.Equal(got, want) {
 					t.Fatalf("%s: EncryptSectors disagrees with x/crypto/xts", e.name)
 				}
+				c.DecryptSectorsSerial(got, want, unit)
+				if !bytes.Equal(got, sectors) {
+					t.Fatalf("%s: DecryptSectorsSerial disagrees with x/crypto/xts", e.name)
+				}
 			}
 		}
 	})
