@@ -595,7 +595,7 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 
 func printMountWarnings(c *cli.Context, ws []string) {
 	for _, w := range ws {
-		fmt.Fprintf(c.App.ErrWriter, "encdisk: warning: %s (its I/O fails until the key is usable; other disks work)\n", w)
+		fmt.Fprintf(c.App.ErrWriter, "encdisk: warning: %s (its I/O fails until the key is usable again, when the next open loads it; other disks work)\n", w)
 	}
 }
 

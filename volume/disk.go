@@ -58,13 +58,14 @@ func (v *Volume) OpenDisk(name string, writable bool, who string) (*Disk, error)
 		return nil, fmt.Errorf("volume: open disk %s: %w", name, ErrNotAttached)
 	}
 	if d.rec.Encrypted && d.cipher == nil {
-		if d.keyErr != nil {
-			return nil, fmt.Errorf("volume: open disk %s: %w", name, d.keyErr)
-		}
-		// Not a daemon (tests, or direct use): load the key now.
+		// Not loaded yet: not a daemon (tests, or direct use), or the key
+		// was unusable when the daemon started or the disk was attached
+		// (d.keyErr). Try now: the key may have been enabled since.
 		if err := v.loadKey(d); err != nil {
+			d.keyErr = err
 			return nil, fmt.Errorf("volume: open disk %s: %w", name, err)
 		}
+		v.logf("disk %s: data key loaded", d.rec.Name)
 	}
 	h := &Disk{v: v, d: d, tree: snapshots.TreeID(d.rec.Tree), cipher: d.cipher, writable: writable}
 	d.opens[h] = who
