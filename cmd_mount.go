@@ -698,6 +698,26 @@ func daemonStatusOf(absVol string) (*daemonStatus, error) {
 }
 
 // isMountpoint reports whether path is listed in /proc/self/mountinfo.
+// mountTypeAt is the file system type of what is mounted on path (the
+// topmost mount, if several are stacked there), or "" if nothing is.
+func mountTypeAt(path string) string {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	typ := ""
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		fields, tail := strings.Fields(pre), strings.Fields(post)
+		if ok && len(fields) > 4 && len(tail) > 0 && unescapeMountinfo(fields[4]) == path {
+			typ = tail[0]
+		}
+	}
+	return typ
+}
+
 func isMountpoint(path string) (bool, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
@@ -799,9 +819,17 @@ func runUmount(c *cli.Context) error {
 	}
 	// No daemon answers for this mount point: unmount directly; if a
 	// daemon does own it, it sees the mount go away and shuts down.
-	mounted, _ := isMountpoint(absMP)
-	if !mounted {
+	switch typ := mountTypeAt(absMP); typ {
+	case "":
+		if st, err := daemonStatusOf(absMP); err == nil && st.Mountpoint != "" {
+			return withHint(fmt.Errorf("%s is a volume, not a mount point", mp),
+				"it is mounted on %s: run `encdisk umount %s`", st.Mountpoint, st.Mountpoint)
+		}
 		return fmt.Errorf("%s is not mounted", mp)
+	case "fuse.encdisk":
+	default:
+		return withHint(fmt.Errorf("%s is not an encdisk mount: it is %s", mp, typ),
+			"encdisk unmounts only its own mounts; use umount(8) for others")
 	}
 	if err := unix.Unmount(absMP, 0); err != nil {
 		if errors.Is(err, unix.EBUSY) {
