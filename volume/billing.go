@@ -168,8 +168,8 @@ func (st *billState) spent(p *Billing, now time.Time) (calls, keys float64) {
 
 // freeOfBalance are the operations a short balance never refuses: they are
 // counted, but refusing them would keep a user who ran out from deleting
-// what costs money.
-var freeOfBalance = map[string]bool{"DeleteDisk": true, "DeleteSnapshot": true}
+// what costs money (an attached disk must be detached first).
+var freeOfBalance = map[string]bool{"DetachDisk": true, "DeleteDisk": true, "DeleteSnapshot": true}
 
 // keyCall is one KMS API call of an operation: on key ref (an id, or an
 // alias to resolve; "" the service key).
@@ -296,12 +296,31 @@ func (pb *pendingBill) commit(tx *bolt.Tx, inUse map[string]bool) error {
 	for id, n := range pb.calls {
 		byKey[id] += n
 	}
+	return st.settle(tx, pb.now, inUse)
+}
+
+// settleUse ends, for an operation that makes no KMS call (DeleteImage),
+// the periods of use of the keys it leaves unused. Call it inside the
+// operation's transaction, with the set evaluated as for commit.
+func settleUse(tx *bolt.Tx, inUse map[string]bool) error {
+	st, err := readBillState(tx)
+	if err != nil {
+		return err
+	}
+	return st.settle(tx, time.Now().UTC().Truncate(time.Second), inUse)
+}
+
+// settle starts the periods of use of the keys entering inUse, ends those
+// of the keys leaving it, and writes st in tx.
+func (st *billState) settle(tx *bolt.Tx, now time.Time, inUse map[string]bool) error {
 	for id, k := range st.Keys {
 		switch {
 		case inUse[id] && k.Since.IsZero():
-			k.Since = pb.now
+			k.Since = now
 		case !inUse[id] && !k.Since.IsZero():
-			k.UsedSeconds = k.seconds(pb.now)
+			// A period that ends counts at least a second: it has
+			// started a day, which stays charged.
+			k.UsedSeconds = max(k.seconds(now), k.UsedSeconds+1)
 			k.Since = time.Time{}
 		}
 	}

@@ -104,17 +104,21 @@ func TestBillingCountsAndBalance(t *testing.T) {
 	// A balance that cannot cover the next call refuses it, changing nothing.
 	bal := 9.5
 	prices.Balance = &bal
-	if _, err := v.DetachDisk("cmk"); !errors.Is(err, ErrBalance) || !strings.Contains(err.Error(), "top up [billing] balance") {
-		t.Fatalf("detach over balance: %v", err)
+	if _, err := v.ResizeDisk("cmk", 2<<20); !errors.Is(err, ErrBalance) || !strings.Contains(err.Error(), "top up [billing] balance") {
+		t.Fatalf("resize over balance: %v", err)
 	}
-	if di, _ := v.ShowDisk("cmk"); di.Status != StatusInUse {
-		t.Errorf("a refused detach changed the disk: %s", di.Status)
+	if di, _ := v.ShowDisk("cmk"); di.Size != 1<<20 {
+		t.Errorf("a refused resize changed the disk: %d bytes", di.Size)
 	}
 	if _, err := v.DetachDisk("svc"); err != nil {
 		t.Errorf("a free operation was refused: %v", err)
 	}
-	bal = 10
+	// Detaching is never refused: it comes before deleting what costs.
 	if _, err := v.DetachDisk("cmk"); err != nil {
+		t.Errorf("detach over balance: %v", err)
+	}
+	bal = 11
+	if _, err := v.ResizeDisk("cmk", 2<<20); err != nil {
 		t.Errorf("after a top-up: %v", err)
 	}
 
@@ -122,7 +126,7 @@ func TestBillingCountsAndBalance(t *testing.T) {
 	openBilled(t, tv, prices)
 	rep, err = tv.v.Billing()
 	mustOK(err)
-	if rep.TotalCalls != 9 || calls(rep, "DetachDisk", "key-cmk") != 2 {
+	if rep.TotalCalls != 10 || calls(rep, "DetachDisk", "key-cmk") != 2 {
 		t.Errorf("after reopen: %d calls, DetachDisk on key-cmk %d", rep.TotalCalls, calls(rep, "DetachDisk", "key-cmk"))
 	}
 }

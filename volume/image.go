@@ -469,7 +469,12 @@ func (v *Volume) DeleteImage(name string) (*ImageInfo, error) {
 	ii := v.imgInfo(im)
 	err = v.st.Apply(func(tx *snapshots.Tx) error {
 		return tx.Delete(snapshots.TreeID(im.rec.Tree))
-	}, func(tx *bolt.Tx) error { return deleteImageRecord(tx, im.rec.ID) })
+	}, func(tx *bolt.Tx) error {
+		if err := deleteImageRecord(tx, im.rec.ID); err != nil {
+			return err
+		}
+		return settleUse(tx, v.keysInUse(im.rec.ID))
+	})
 	if err != nil {
 		return nil, fmt.Errorf("volume: delete image %s: %w", name, err)
 	}

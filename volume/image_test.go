@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/encdisk/encdisk/snapshots"
 	"golang.org/x/sys/unix"
@@ -538,6 +539,18 @@ func TestImageCopyBilling(t *testing.T) {
 	}
 	if calls(rep, "CopyImage", "key-svc") != 2 || calls(rep, "CopyImage", "key-cmk") != 1 {
 		t.Fatalf("CopyImage calls: %+v", rep.Calls)
+	}
+	// Deleting the image ends the key's period of use (it stops accruing
+	// days); the day it started stays charged.
+	if _, err := v.DeleteImage("cmk"); err != nil {
+		t.Fatal(err)
+	}
+	st, err := v.loadBillState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := st.Keys["key-cmk"]; k == nil || !k.Since.IsZero() || k.days(time.Now()) != 1 {
+		t.Fatalf("key-cmk after its only image was deleted: %+v, want out of use with 1 day", k)
 	}
 }
 
