@@ -237,6 +237,9 @@ func (s *Store) Check(o CheckOptions) (*CheckReport, error) {
 		unlock()
 	}
 	sc := newScan()
+	s.mu.Lock()
+	sc.r.Problems, s.openFixes = append(sc.r.Problems, s.openFixes...), nil
+	s.mu.Unlock()
 	sc.run(tx, s.pool)
 	if o.Catalogue != nil {
 		o.Catalogue(tx, sc.treeMap(), sc.r)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 
@@ -115,6 +116,8 @@ type Store struct {
 
 	metaBytes uint64 // metadata bytes committed so far (nodes, counts, free list)
 	metaRoom  int64  // bytes of the metadata file known to be allocated (keepMetaRoom)
+
+	openFixes []Problem // what Open found wrong and fixed; the next Check reports them
 }
 
 // DB returns the metadata database, for the caller's own buckets. Write to it
@@ -155,9 +158,10 @@ func Create(db *bolt.DB, poolPath string) error {
 }
 
 // Open opens the store kept in db and the pool file at poolPath. Blocks that
-// the metadata calls free are punched out of the pool file, and the file is
-// cut to the allocated size, reclaiming space written before a crash but
-// never committed.
+// the metadata calls free but that hold data are punched out of the pool
+// file, and the file is cut to the allocated size, reclaiming space written
+// before a crash but never committed: see reclaim, which first makes sure
+// the metadata agrees with itself.
 func Open(db *bolt.DB, poolPath string) (*Store, error) {
 	f, err := os.OpenFile(poolPath, os.O_RDWR, 0)
 	if err != nil {
@@ -276,24 +280,81 @@ func (s *Store) load(tx *bolt.Tx) error {
 	})
 }
 
-// reclaim gives back space the pool file holds beyond what the metadata uses.
+// reclaim gives back space the pool file holds beyond what the metadata
+// uses: free blocks that hold data and the file past the high-water mark.
+// After a clean close there is none (freed blocks are punched as they are
+// freed), so this costs a seek per free extent. After a crash there is, and
+// before punching or cutting anything it checks the metadata as `check`
+// does: a free list or high-water mark that is wrong (damaged metadata, or
+// a bug) must cost space, never data. If the check finds a problem nothing
+// is given back, and a free list that is wrong (blocks both free and
+// mapped, overlapping or out-of-range extents) is replaced by the one the
+// block maps imply, so that no write can take a mapped block; the next
+// commit stores it. OpenFixes and the next Check report what was fixed.
 func (s *Store) reclaim() error {
 	fi, err := s.pool.Stat()
 	if err != nil {
 		return fmt.Errorf("snapshots: stat pool: %w", err)
 	}
 	end := int64(s.hwm) * BlockSize
+	var punch []extent
+	for _, e := range s.free {
+		if holdsData(s.pool, e) {
+			punch = append(punch, e)
+		}
+	}
+	if fi.Size() <= end && len(punch) == 0 {
+		return nil
+	}
+	sc := newScan()
+	if err := s.db.View(func(tx *bolt.Tx) error { sc.run(tx, s.pool); return nil }); err != nil {
+		return fmt.Errorf("snapshots: open: %w", err)
+	}
+	if !sc.r.OK() {
+		if sc.newFree != nil {
+			for _, p := range sc.r.Problems {
+				switch p.Kind {
+				case ProblemFreeMapped, ProblemFreeOverlap, ProblemFreeEntry:
+					p.Detail = "found when the volume was opened: " + p.Detail + "; the free list was rebuilt from the block maps, no data was lost"
+					p.Repaired = true
+					s.openFixes = append(s.openFixes, p)
+				}
+			}
+			if len(s.openFixes) > 0 {
+				s.free = sc.newFree
+			}
+		}
+		return nil
+	}
 	if fi.Size() > end {
 		if err := s.pool.Truncate(end); err != nil {
 			return fmt.Errorf("snapshots: trim pool: %w", err)
 		}
 	}
-	for _, e := range s.free {
+	for _, e := range punch {
 		if err := s.punch(e); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// OpenFixes lists what Open found wrong in the metadata and fixed (see
+// reclaim), for the caller to log. The next Check reports them too.
+func (s *Store) OpenFixes() []Problem {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return slices.Clone(s.openFixes)
+}
+
+// holdsData reports whether any of e's blocks hold data in the pool file:
+// not a hole (SEEK_DATA), or the file system cannot say.
+func holdsData(f *os.File, e extent) bool {
+	off, err := unix.Seek(int(f.Fd()), int64(e.start)*BlockSize, unix.SEEK_DATA)
+	if errors.Is(err, unix.ENXIO) {
+		return false // nothing but holes from there to the end
+	}
+	return err != nil || off < int64(e.start+e.n)*BlockSize
 }
 
 func (s *Store) punch(e extent) error {

@@ -281,6 +281,9 @@ func (v *Volume) open() error {
 		return fmt.Errorf("volume: open %s: %w", v.dir, err)
 	}
 	v.st = st
+	for _, p := range st.OpenFixes() {
+		v.logf("metadata: %s (%s)", p.Detail, p.Kind)
+	}
 	err = db.View(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketDisks)
 		if b == nil {
