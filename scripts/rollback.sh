@@ -7,7 +7,12 @@
 #
 # MOUNTPOINT is where `encdisk mount` shows the volume's disks; with it, the
 # script finds the loop device backing MOUNTPOINT/DISK and the file system on
-# it. Without it, the disk must not be in use. ENCDISK names the binary.
+# it, and attaches the disk again as it was (direct I/O, offset, size limit,
+# read-only, sector size). If the reset fails (the disk is open elsewhere,
+# the balance or the key refuses it), the loop device and the file system
+# are put back unchanged. Without MOUNTPOINT, the disk must not be in use.
+# File systems on partitions of the loop device (losetup -P) are refused:
+# unmount them first. ENCDISK names the binary.
 set -euo pipefail
 if [ $# -lt 3 ] || [ $# -gt 4 ]; then
 	echo "usage: $0 VOL DISK SNAPSHOT [MOUNTPOINT]" >&2
@@ -23,36 +28,55 @@ if ! "$encdisk" snapshot list "$vol" "$disk" | awk -v s="$snap" 'NR > 1 && $1 ==
 	exit 1
 fi
 
-loop="" fsdir="" opts="" dio=off
+loop="" fsdir="" opts="" attach=()
 if [ -n "$mp" ]; then
 	file=$mp/$disk
 	loop=$(losetup -n -O NAME -j "$file" | head -n 1 | tr -d ' ')
-	if [ -n "$loop" ]; then
-		# Attach it again the way it was: direct I/O or buffered.
-		[ "$(losetup -n -O DIO "$loop" | tr -d ' ')" = 1 ] && dio=on
-		fsdir=$(findmnt -n -o TARGET --source "$loop" | head -n 1 || true)
-		if [ -n "$fsdir" ]; then
-			opts=$(findmnt -n -o OPTIONS --target "$fsdir" | head -n 1)
-			echo "rollback: unmounting $fsdir ($loop)"
-			umount "$fsdir"
-		fi
-		losetup -d "$loop"
-		# The loop device releases the file asynchronously.
-		for _ in $(seq 50); do
-			losetup -j "$file" | grep -q . || break
-			sleep 0.1
-		done
+fi
+if [ -n "$loop" ]; then
+	parts=$(findmnt -rn -o SOURCE,TARGET | awk -v p="${loop}p" 'index($1, p) == 1 { print $1 " on " $2 }')
+	if [ -n "$parts" ]; then
+		echo "rollback: partitions of $loop are mounted ($parts): unmount them first" >&2
+		exit 1
 	fi
+	# Attach it again the way it was.
+	read -r dio offset sizelimit ro logsec partscan < <(losetup -n -O DIO,OFFSET,SIZELIMIT,RO,LOG-SEC,PARTSCAN "$loop")
+	attach=(--direct-io="$([ "$dio" = 1 ] && echo on || echo off)" --offset "$offset" --sector-size "$logsec")
+	[ "$sizelimit" = 0 ] || attach+=(--sizelimit "$sizelimit")
+	[ "$ro" = 0 ] || attach+=(--read-only)
+	[ "$partscan" = 0 ] || attach+=(--partscan)
+	fsdir=$(findmnt -n -o TARGET --source "$loop" | head -n 1 || true)
+	if [ -n "$fsdir" ]; then
+		opts=$(findmnt -n -o OPTIONS --target "$fsdir" | head -n 1)
+		echo "rollback: unmounting $fsdir ($loop)"
+		umount "$fsdir"
+	fi
+	losetup -d "$loop"
+	# The loop device releases the file asynchronously.
+	for _ in $(seq 50); do
+		losetup -j "$file" | grep -q . || break
+		sleep 0.1
+	done
 fi
 
-"$encdisk" disk reset "$vol" "$disk" --snapshot "$snap"
-
-if [ -n "$loop" ]; then
-	newloop=$(losetup --direct-io="$dio" -f --show "$mp/$disk")
+# putBack attaches the disk and mounts its file system again.
+putBack() {
+	newloop=$(losetup "${attach[@]}" -f --show "$mp/$disk")
 	if [ -n "$fsdir" ]; then
 		mount -o "$opts" "$newloop" "$fsdir"
 		echo "rollback: $fsdir mounted again from $newloop"
 	else
 		echo "rollback: $mp/$disk attached again as $newloop"
 	fi
+}
+
+if ! "$encdisk" disk reset "$vol" "$disk" --snapshot "$snap"; then
+	if [ -n "$loop" ]; then
+		echo "rollback: the reset failed; putting the disk back as it was" >&2
+		putBack
+	fi
+	exit 1
+fi
+if [ -n "$loop" ]; then
+	putBack
 fi

@@ -24,7 +24,8 @@ encdisk=${ENCDISK:-encdisk}
 "$encdisk" snapshot create "$vol" "$disk" "nightly-$(date -u +%Y%m%d-%H%M%S-%N)"
 
 # Oldest first (snapshot list sorts by creation time); names have no spaces.
-mapfile -t ours < <("$encdisk" snapshot list "$vol" "$disk" | awk 'NR > 1 && $1 ~ /^nightly-/ { print $1 }')
+# Only names of this script's own form: a user's nightly-before-upgrade stays.
+mapfile -t ours < <("$encdisk" snapshot list "$vol" "$disk" | awk 'NR > 1 { print $1 }' | grep -E '^nightly-[0-9]{8}-[0-9]{6}-[0-9]{9}$' || true)
 excess=$((${#ours[@]} - keep))
 for ((i = 0; i < excess; i++)); do
 	"$encdisk" snapshot delete "$vol" "${ours[i]}"

@@ -128,19 +128,88 @@ func TestSnapshotRollbackExt4(t *testing.T) {
 	sh(t, "e2fsck", "-fn", dev)
 	sh(t, "losetup", "-d", dev)
 
-	// Retention: three more nightly snapshots with KEEP=2 leave two, and a
-	// snapshot the script did not make is kept.
+	// Retention: three more nightly snapshots with KEEP=2 leave two, and
+	// snapshots the script did not make are kept, whatever their names.
 	e.run("snapshot", "create", e.vol, "data1", "manual")
+	e.run("snapshot", "create", e.vol, "data1", "nightly-before-upgrade")
 	for i := 0; i < 3; i++ {
 		e.script("snapshot-nightly.sh", e.vol, "data1", "2")
 	}
 	list = e.run("snapshot", "list", e.vol, "data1")
-	if n := strings.Count(list, "\nnightly-"); n != 2 {
+	if n := strings.Count(list, "\nnightly-2"); n != 2 {
 		t.Errorf("%d nightly snapshots kept, want 2:\n%s", n, list)
 	}
-	if !strings.Contains(list, "\nmanual ") {
-		t.Errorf("the manual snapshot was deleted:\n%s", list)
+	for _, name := range []string{"manual", "nightly-before-upgrade"} {
+		if !strings.Contains(list, "\n"+name+" ") {
+			t.Errorf("the snapshot %s was deleted:\n%s", name, list)
+		}
 	}
+}
+
+// TestRollbackKeepsLoopSetup: rollback.sh attaches the disk again as it was
+// (here a file system at an offset, as on a partition), and when the reset
+// fails (the disk is open elsewhere) puts the loop device and the file
+// system back unchanged.
+func TestRollbackKeepsLoopSetup(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "p1", "--size", "128MiB", "--encrypted")
+	e.mount()
+	file := filepath.Join(e.mnt, "p1")
+	dev := sh(t, "losetup", "--direct-io=on", "-o", "1048576", "-f", "--show", file)
+	fsDir := filepath.Join(e.dir, "fs")
+	os.MkdirAll(fsDir, 0o700)
+	// Whatever the test leaves: the file system, and the loop device the
+	// script attached last.
+	t.Cleanup(func() {
+		if src, err := exec.Command("findmnt", "-n", "-o", "SOURCE", "--target", fsDir).Output(); err == nil && exec.Command("mountpoint", "-q", fsDir).Run() == nil {
+			exec.Command("umount", fsDir).Run()
+			dev = strings.TrimSpace(string(src))
+		}
+		exec.Command("losetup", "-d", dev).Run()
+	})
+	sh(t, "mkfs.ext4", "-q", dev)
+	sh(t, "mount", dev, fsDir)
+	before := writeRandomFiles(t, fsDir, 2, 1<<20)
+	sh(t, "sync", "-f", fsDir)
+	e.run("snapshot", "create", e.vol, "p1", "ps1")
+	after := filepath.Join(fsDir, "after.bin")
+	os.WriteFile(after, []byte("after the snapshot\n"), 0o600)
+	sh(t, "sync", "-f", fsDir)
+	loopOf := func() (string, string) {
+		src := strings.TrimSpace(sh(t, "findmnt", "-n", "-o", "SOURCE", "--target", fsDir))
+		return src, strings.Join(strings.Fields(sh(t, "losetup", "-n", "-O", "OFFSET,DIO", src)), " ")
+	}
+
+	// The disk open elsewhere: the reset is refused and everything is put back.
+	f, err := os.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := e.scriptFails("rollback.sh", e.vol, "p1", "ps1", e.mnt)
+	f.Close()
+	if !strings.Contains(out, "in use") || !strings.Contains(out, "putting the disk back") {
+		t.Errorf("rollback.sh with the disk open elsewhere said:\n%s", out)
+	}
+	if _, setup := loopOf(); setup != "1048576 1" {
+		t.Errorf("after a failed rollback the loop device is %q, want offset 1048576 with direct I/O", setup)
+	}
+	if _, err := os.Stat(after); err != nil {
+		t.Errorf("a failed rollback changed the file system: %v", err)
+	}
+
+	// Now it goes through, at the same offset.
+	out = e.script("rollback.sh", e.vol, "p1", "ps1", e.mnt)
+	if !strings.Contains(out, "mounted again") {
+		t.Errorf("rollback.sh said:\n%s", out)
+	}
+	if _, setup := loopOf(); setup != "1048576 1" {
+		t.Errorf("after rollback the loop device is %q, want offset 1048576 with direct I/O", setup)
+	}
+	if _, err := os.Stat(after); !os.IsNotExist(err) {
+		t.Errorf("after rollback a file written after the snapshot is still there: %v", err)
+	}
+	checkFiles(t, fsDir, before)
 }
 
 // TestCloneDiskFromSnapshot: a disk made from a snapshot while mounted
