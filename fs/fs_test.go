@@ -218,8 +218,11 @@ func TestHandleReadWrite(t *testing.T) {
 	if !h.dirty.Load() {
 		t.Error("write did not mark the handle dirty")
 	}
-	if _, errno := h.Write(ctx, []byte("abcd"), 3*memBlock-3); errno != syscall.ENOSPC {
-		t.Errorf("write past end = %v, want ENOSPC", errno)
+	if n, errno := h.Write(ctx, []byte("abcd"), 3*memBlock-3); n != 3 || errno != 0 {
+		t.Errorf("write across the end = %d, %v; want 3 (what fits)", n, errno)
+	}
+	if _, errno := h.Write(ctx, []byte("d"), 3*memBlock); errno != syscall.ENOSPC {
+		t.Errorf("write at the end = %v, want ENOSPC", errno)
 	}
 	dest := make([]byte, 10)
 	res, errno := h.Read(ctx, dest, 3*memBlock-3)

@@ -52,7 +52,10 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 // Write writes at off. Past the end of the disk the disk refuses (ENOSPC
 // or EFBIG): disks grow only by truncate or fallocate. A write across the
 // end is partial: it reports its count, and the error comes with the next
-// write, as on a block device.
+// write, as on a block device. Inside the disk an error fails the whole
+// write, even if part of it went through (the pool's file system filled up
+// halfway): a loop device with direct I/O completes a short write as if it
+// were whole, so a short count there would lose the rest silently.
 func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
 	if h.readOnly {
 		return 0, h.m.refuse("write", h.name, syscall.EROFS, "read-only")
@@ -61,7 +64,7 @@ func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, sys
 	if n > 0 {
 		h.dirty.Store(true)
 	}
-	if err != nil && n == 0 {
+	if err != nil && (n == 0 || off+int64(len(data)) <= h.disk.Size()) {
 		return 0, h.m.toErrno("write", h.name, err)
 	}
 	return uint32(n), 0

@@ -21,6 +21,11 @@ type memStore struct {
 	size   int64
 	blocks map[int64][]byte
 	syncs  int // calls to Sync, for tests
+	// With limited, room is how many more bytes writes may store: a
+	// write that needs more stores what fits and fails with ENOSPC, as
+	// a disk does when its backing file system fills up halfway.
+	limited bool
+	room    int64
 }
 
 func newMemStore(size int64) *memStore {
@@ -81,13 +86,26 @@ func (s *memStore) writeAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("memdisk: write at %d: %w", off, syscall.EINVAL)
 	}
+	// Like volume.Disk: across the end, what fits is written and its
+	// count returned with the error.
+	var end error
 	if off+int64(len(p)) > s.size {
-		return 0, fmt.Errorf("memdisk: write [%d, %d) past size %d: %w", off, off+int64(len(p)), s.size, syscall.ENOSPC)
+		end = fmt.Errorf("memdisk: write [%d, %d) past size %d: %w", off, off+int64(len(p)), s.size, syscall.ENOSPC)
+		if off >= s.size {
+			return 0, end
+		}
+		p = p[:s.size-off]
 	}
 	for done := 0; done < len(p); {
 		pos := off + int64(done)
 		blk, in := pos/memBlock, int(pos%memBlock)
 		c := min(memBlock-in, len(p)-done)
+		if s.limited {
+			if int64(c) > s.room {
+				return done, fmt.Errorf("memdisk: write at %d: %w", pos, syscall.ENOSPC)
+			}
+			s.room -= int64(c)
+		}
 		b, ok := s.blocks[blk]
 		if !ok {
 			b = make([]byte, memBlock)
@@ -96,7 +114,7 @@ func (s *memStore) writeAt(p []byte, off int64) (int, error) {
 		copy(b[in:], p[done:done+c])
 		done += c
 	}
-	return len(p), nil
+	return len(p), end
 }
 
 func (s *memStore) discard(off, length int64) error {

@@ -540,6 +540,33 @@ func TestErrorMapping(t *testing.T) {
 	}
 }
 
+// TestWriteFailingHalfway: a write inside the disk that fails after part of
+// it was stored fails whole (a loop device would take a short count for
+// success); one across the end of the disk reports what fit.
+func TestWriteFailingHalfway(t *testing.T) {
+	m := testMount(t)
+	st := m.b.add("d", 1<<20)
+	f, err := os.OpenFile(m.path("d"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	st.mu.Lock()
+	st.limited, st.room = true, 3*memBlock
+	st.mu.Unlock()
+	n, err := syscall.Pwrite(int(f.Fd()), make([]byte, 8*memBlock), 0)
+	if !errors.Is(err, syscall.ENOSPC) {
+		t.Errorf("write failing halfway: %d, %v; want ENOSPC", n, err)
+	}
+	st.mu.Lock()
+	st.limited = false
+	st.mu.Unlock()
+	n, err = syscall.Pwrite(int(f.Fd()), make([]byte, 2*memBlock), 1<<20-memBlock)
+	if n != memBlock || err != nil {
+		t.Errorf("write across the end: %d, %v; want %d, nil", n, err, memBlock)
+	}
+}
+
 // TestOpenAcrossDetach: an fd held across a detach keeps working, as a file
 // unlinked while open does.
 func TestOpenAcrossDetach(t *testing.T) {
