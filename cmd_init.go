@@ -52,7 +52,7 @@ func runInit(c *cli.Context) error {
 	if !keystore.ValidRegion(region) {
 		return usageErrorf("invalid region %q: use 2 to 40 lower-case letters, digits and '-', like %s", region, defaultRegion)
 	}
-	ksDir, _, err := e.keystoreFor("")
+	ksDir, ksSource, err := e.keystoreFor("")
 	if err != nil {
 		return err
 	}
@@ -69,10 +69,12 @@ func runInit(c *cli.Context) error {
 				"put it on an ordinary file system, outside every encdisk mount")
 		}
 	}
-	// Refuse an existing volume before touching the keystore, so a typo
-	// does not leave a new keystore behind.
-	if _, err := volume.ReadInfo(absVol); err == nil {
+	// Refuse a directory that cannot take a volume before touching the
+	// keystore, so a typo does not leave a new keystore behind.
+	if err := volume.CheckInitDir(absVol); errors.Is(err, volume.ErrVolumeExists) {
 		return withHint(fmt.Errorf("%s: %w", vol, volume.ErrVolumeExists), "`encdisk disk list %s` shows its disks", vol)
+	} else if err != nil {
+		return volError(err, vol)
 	}
 
 	created := false
@@ -81,6 +83,14 @@ func runInit(c *cli.Context) error {
 			return err
 		}
 		created = true
+	} else {
+		// The volume will use this keystore: a wrong passphrase is better
+		// told now than at the first encrypted disk.
+		ks, err := e.unlock(ksDir, ksSource)
+		if err != nil {
+			return err
+		}
+		ks.Close()
 	}
 	info, err := volume.Init(absVol, volume.InitOptions{Region: region, KeystoreDir: ksDir})
 	if err != nil {

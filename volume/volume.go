@@ -138,22 +138,38 @@ func newID(prefix string) string {
 	return prefix + hex.EncodeToString(b)
 }
 
+// CheckInitDir reports whether Init could make a volume in dir: it must
+// be missing or empty (an existing volume gives ErrVolumeExists).
+func CheckInitDir(dir string) error {
+	if _, err := os.Stat(filepath.Join(dir, headerFile)); err == nil {
+		return fmt.Errorf("volume: init %s: %w", dir, ErrVolumeExists)
+	}
+	ents, err := os.ReadDir(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("volume: init: %w", err)
+	case len(ents) > 0:
+		return fmt.Errorf("volume: init %s: the directory is not empty; choose a new or empty directory", dir)
+	}
+	return nil
+}
+
 // Init creates a new volume in dir (created if missing; it must not already
 // hold a volume, and must be empty).
 func Init(dir string, o InitOptions) (*Info, error) {
 	if o.Region == "" {
 		return nil, fmt.Errorf("volume: init %s: a region is required", dir)
 	}
-	if _, err := os.Stat(filepath.Join(dir, headerFile)); err == nil {
-		return nil, fmt.Errorf("volume: init %s: %w", dir, ErrVolumeExists)
+	if err := CheckInitDir(dir); err != nil {
+		return nil, err
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("volume: init: %w", err)
 	}
-	if ents, err := os.ReadDir(dir); err != nil {
-		return nil, fmt.Errorf("volume: init: %w", err)
-	} else if len(ents) > 0 {
-		return nil, fmt.Errorf("volume: init %s: the directory is not empty; choose a new or empty directory", dir)
+	if err := CheckInitDir(dir); err != nil { // made by someone else meanwhile
+		return nil, err
 	}
 	for _, sub := range []string{dataDir, snapshotsDir} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o700); err != nil {
