@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"math"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -230,6 +231,9 @@ func parseInterval(s string) (time.Duration, error) {
 		n, err := strconv.Atoi(d)
 		if err != nil || n < 0 {
 			return 0, fmt.Errorf("want a number of days such as 90d")
+		}
+		if n > int(math.MaxInt64/int64(24*time.Hour)) { // would overflow a time.Duration
+			return 0, fmt.Errorf("%s days: want 7 to 730 days", d)
 		}
 		return time.Duration(n) * 24 * time.Hour, nil
 	}

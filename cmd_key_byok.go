@@ -72,7 +72,7 @@ func runKeyImportParams(c *cli.Context) error {
 		}
 		pub := filepath.Join(out, wrappingKeyFile)
 		tok := filepath.Join(out, importTokenFile)
-		if err := os.WriteFile(pub, p.PublicKeyPEM, 0o644); err != nil {
+		if err := os.WriteFile(pub, []byte(p.PublicKeyPEM), 0o644); err != nil {
 			return err
 		}
 		if err := os.WriteFile(tok, []byte(p.Token+"\n"), 0o600); err != nil {

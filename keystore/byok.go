@@ -37,7 +37,7 @@ const (
 // ImportParameters are what the user needs to wrap material for Import.
 type ImportParameters struct {
 	KeyID        string    `json:"key_id"`
-	PublicKeyPEM []byte    `json:"public_key_pem"` // PKIX "PUBLIC KEY", RSA-2048
+	PublicKeyPEM string    `json:"public_key_pem"` // PKIX "PUBLIC KEY", RSA-2048, PEM text
 	Token        string    `json:"import_token"`
 	Expires      time.Time `json:"token_expires"`
 	// Algorithms lists the accepted wrapping algorithms, preferred first.
@@ -108,7 +108,7 @@ func (ks *Keystore) ImportParams(region, ref string) (*ImportParameters, error) 
 		kf.Import = &pendingImport{TokenHash: th[:], Expires: exp, Nonce: nonce, PrivateKey: sealed}
 		out = &ImportParameters{
 			KeyID:        kf.ID,
-			PublicKeyPEM: pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}),
+			PublicKeyPEM: string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub})),
 			Token:        token,
 			Expires:      exp,
 			Algorithms:   []string{WrapRSAOAEPSHA256, WrapRSAOAEPSHA1},

@@ -19,7 +19,7 @@ import (
 
 func wrapMaterial(t *testing.T, p *ImportParameters, h hash.Hash, material []byte) []byte {
 	t.Helper()
-	blk, _ := pem.Decode(p.PublicKeyPEM)
+	blk, _ := pem.Decode([]byte(p.PublicKeyPEM))
 	if blk == nil || blk.Type != "PUBLIC KEY" {
 		t.Fatalf("bad PEM %q", p.PublicKeyPEM)
 	}
@@ -171,7 +171,7 @@ func TestBYOKOpenSSL(t *testing.T) {
 	}
 	dir := t.TempDir()
 	pub, mat, out := filepath.Join(dir, "wrap.pem"), filepath.Join(dir, "material.bin"), filepath.Join(dir, "wrapped.bin")
-	os.WriteFile(pub, p.PublicKeyPEM, 0o600)
+	os.WriteFile(pub, []byte(p.PublicKeyPEM), 0o600)
 	os.WriteFile(mat, bytes.Repeat([]byte{0x77}, 32), 0o600)
 	cmd := exec.Command("openssl", "pkeyutl", "-encrypt", "-pubin", "-inkey", pub, "-in", mat, "-out", out,
 		"-pkeyopt", "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256", "-pkeyopt", "rsa_mgf1_md:sha256")
