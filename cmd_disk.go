@@ -106,7 +106,10 @@ func parseBytes(flag, s, hint string) (uint64, error) {
 }
 
 // parseSize parses a human size into bytes: positive, whole 4 KiB sectors.
-func parseSize(flag, s string) (int64, error) {
+// parseSize reads a disk size. One that is not a whole number of 4 KiB
+// sectors (20GB is 20 000 000 000 bytes) is rounded up to the next sector,
+// as LVM rounds up to its extents, and c's error stream says so.
+func parseSize(c *cli.Context, flag, s string) (int64, error) {
 	const hint = "write sizes like 20GiB, 512MiB or 1TB"
 	n, err := parseBytes(flag, s, hint)
 	if err != nil {
@@ -120,8 +123,9 @@ func parseSize(flag, s string) (int64, error) {
 	}
 	if n%sectorSize != 0 {
 		up := (n/sectorSize + 1) * sectorSize
-		return 0, withHint(usageErrorf("--%s %s: %d bytes is not a whole number of 4 KiB sectors", flag, s, n),
-			"disks are made of 4096-byte sectors; try --%s %d (%s)", flag, up, humanSize(int64(up)))
+		fmt.Fprintf(c.App.ErrWriter, "encdisk: note: --%s %s is %d bytes, not a whole number of 4 KiB sectors: rounded up to %d bytes (%s)\n",
+			flag, s, n, up, humanSize(int64(up)))
+		n = up
 	}
 	return int64(n), nil
 }
@@ -158,7 +162,7 @@ func runDiskCreate(c *cli.Context) error {
 	}
 	switch {
 	case c.IsSet("size"):
-		n, err := parseSize("size", c.String("size"))
+		n, err := parseSize(c, "size", c.String("size"))
 		if err != nil {
 			return err
 		}
@@ -328,7 +332,7 @@ func runDiskResize(c *cli.Context) error {
 	if !c.IsSet("size") {
 		return usageErrorf("disk resize: missing --size")
 	}
-	size, err := parseSize("size", c.String("size"))
+	size, err := parseSize(c, "size", c.String("size"))
 	if err != nil {
 		return err
 	}

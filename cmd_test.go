@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/urfave/cli/v2"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -50,17 +51,33 @@ func TestInterspersed(t *testing.T) {
 }
 
 func TestParseSize(t *testing.T) {
+	var notes strings.Builder
+	c := cli.NewContext(&cli.App{ErrWriter: &notes}, nil, nil)
 	good := map[string]int64{
 		"20GiB": 20 << 30, "512MiB": 512 << 20, "1TB": 1e12, "4096": 4096, "8 GiB": 8 << 30, "4KiB": 4096,
 	}
 	for in, want := range good {
-		got, err := parseSize("size", in)
+		got, err := parseSize(c, "size", in)
 		if err != nil || got != want {
 			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
-	for _, in := range []string{"", "0", "-1GiB", "lots", "12345", "1.5KiB", "1e30", "99999999EiB"} {
-		if n, err := parseSize("size", in); err == nil {
+	if notes.Len() != 0 {
+		t.Errorf("whole sectors gave a note: %s", notes.String())
+	}
+	// Rounded up to a whole sector, with a note.
+	for in, want := range map[string]int64{"20GB": 20000002048, "12345": 16384, "1.5KiB": 4096, "1GB": 1000001536} {
+		notes.Reset()
+		got, err := parseSize(c, "size", in)
+		if err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+		if !strings.Contains(notes.String(), fmt.Sprintf("rounded up to %d bytes", want)) {
+			t.Errorf("parseSize(%q) noted %q", in, notes.String())
+		}
+	}
+	for _, in := range []string{"", "0", "-1GiB", "lots", "1e30", "99999999EiB"} {
+		if n, err := parseSize(c, "size", in); err == nil {
 			t.Errorf("parseSize(%q) = %d, want an error", in, n)
 		}
 	}
