@@ -350,14 +350,16 @@ func (c *changes) size() uint64 {
 	return n
 }
 
-// retire punches the blocks a durable commit freed and makes them reusable.
-// The I/O gate is held exclusively: no reader still holds them.
+// retire punches the blocks a durable commit freed and makes them reusable,
+// and trims the node cache. The I/O gate is held exclusively: no reader
+// still holds them.
 func (s *Store) retire(c *changes) {
 	for _, e := range c.committing {
 		// A failed punch only costs space; the blocks are free either way.
 		_ = s.punch(e)
 	}
 	s.mu.Lock()
+	s.trimNodeCacheLocked()
 	s.free = mergeExtents(append(s.free, c.committing...))
 	s.committing = nil
 	s.committingDecNodes, s.committingDecBlocks = nil, nil
@@ -521,3 +523,31 @@ func (tx *Tx) Delete(t TreeID) error {
 
 // Exists reports whether tree t exists.
 func (tx *Tx) Exists(t TreeID) bool { return tx.s.trees[t] != nil }
+
+// maxCachedNodes bounds the node cache: 8192 nodes of 4 KiB, 32 MiB, the
+// block maps of 16 GiB of mapped data (a leaf maps 2 MiB). A variable for
+// the tests.
+var maxCachedNodes = 8192
+
+// trimNodeCacheLocked drops clean nodes from the cache once it holds more
+// than maxCachedNodes, down to three quarters of that; they are read again
+// from the database when needed. Without it the cache would grow with
+// every block map ever read or written (32 MiB per 16 GiB), in a daemon
+// whose memory is locked. It runs right after a durable commit (s.mu held,
+// commitMu held, no commit in flight), when every node that is not dirty
+// is as the database has it. Which nodes go is Go's map order: effectively
+// at random.
+func (s *Store) trimNodeCacheLocked() {
+	if len(s.nodes) <= maxCachedNodes {
+		return
+	}
+	target := maxCachedNodes * 3 / 4
+	for id := range s.nodes {
+		if len(s.nodes) <= target {
+			return
+		}
+		if _, dirty := s.dirtyNodes[id]; !dirty {
+			delete(s.nodes, id)
+		}
+	}
+}

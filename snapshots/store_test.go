@@ -254,7 +254,65 @@ func TestSeek(t *testing.T) {
 
 // TestRandomAgainstModel runs random writes, discards, snapshots, rollbacks,
 // deletes, commits and crashes against an in-memory model.
-func TestRandomAgainstModel(t *testing.T) {
+func TestRandomAgainstModel(t *testing.T) { randomAgainstModel(t) }
+
+// TestRandomAgainstModelSmallCache runs the same with a node cache of three
+// nodes, so that nearly every commit drops nodes that are read back later.
+func TestRandomAgainstModelSmallCache(t *testing.T) {
+	defer func(n int) { maxCachedNodes = n }(maxCachedNodes)
+	maxCachedNodes = 3
+	randomAgainstModel(t)
+}
+
+// TestNodeCacheBounded: block maps larger than the node cache are dropped
+// from it after a commit and read back from the database, unchanged.
+func TestNodeCacheBounded(t *testing.T) {
+	defer func(n int) { maxCachedNodes = n }(maxCachedNodes)
+	maxCachedNodes = 64
+	ts := newTestStore(t)
+	var d TreeID
+	ts.apply(func(tx *Tx) error { d = tx.NewTree(); return nil })
+	m := model{}
+	const leaves = 300
+	for i := range uint64(leaves) {
+		ts.write(d, i*fanout, []uint64{i + 1}) // one leaf each
+		m[i*fanout] = i + 1
+	}
+	if n := len(ts.s.nodes); n < leaves {
+		t.Fatalf("%d nodes cached before the commit, want every dirty one (%d or more)", n, leaves)
+	}
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(ts.s.nodes); n > maxCachedNodes {
+		t.Errorf("%d nodes cached after the commit, want at most %d", n, maxCachedNodes)
+	}
+	for i := range uint64(leaves) {
+		if got := ts.read(d, i*fanout, 1)[0]; got != i+1 {
+			t.Fatalf("sector %d: tag %d, want %d", i*fanout, got, i+1)
+		}
+	}
+	// Overwrite some, through nodes read back; then a crash.
+	for i := uint64(0); i < leaves; i += 7 {
+		ts.write(d, i*fanout+1, []uint64{1000 + i})
+		m[i*fanout+1] = 1000 + i
+	}
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatal(err)
+	}
+	ts.crash()
+	for i := range uint64(leaves) {
+		got := ts.read(d, i*fanout, 2)
+		if got[0] != m[i*fanout] || got[1] != m[i*fanout+1] {
+			t.Fatalf("leaf %d after reopen: %v, want %d %d", i, got, m[i*fanout], m[i*fanout+1])
+		}
+	}
+	if mapped := ts.s.Mapped(d); mapped != uint64(len(m)) {
+		t.Errorf("Mapped = %d, want %d", mapped, len(m))
+	}
+}
+
+func randomAgainstModel(t *testing.T) {
 	ts := newTestStore(t)
 	rng := rand.New(rand.NewPCG(1, 2))
 	const span = 3000
