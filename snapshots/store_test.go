@@ -492,3 +492,50 @@ func TestApplyFailedCommitUndone(t *testing.T) {
 		t.Fatalf("commit after a failed Replace: %v, want ErrPoisoned", err)
 	}
 }
+
+// TestSeekOnDamagedNodeDoesNotPoison: an lseek that meets a node missing
+// from the database fails, and the store goes on serving the other trees.
+func TestSeekOnDamagedNodeDoesNotPoison(t *testing.T) {
+	ts := newTestStore(t)
+	var d, e TreeID
+	ts.apply(func(tx *Tx) error { d, e = tx.NewTree(), tx.NewTree(); return nil })
+	ts.write(d, 5*fanout, []uint64{1})
+	ts.write(e, 0, []uint64{2})
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatal(err)
+	}
+	// Drop d's leaf from the database, then reopen with an empty cache.
+	root := ts.s.trees[d].root
+	ts.close()
+	db, err := bolt.Open(filepath.Join(ts.dir, "meta.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		id := root
+		for level := levels - 1; level > 0; level-- {
+			n, err := decodeNode(tx.Bucket(bucketNodes).Get(u64(id)))
+			if err != nil {
+				return err
+			}
+			id = n.e[idx(5*fanout, level)]
+		}
+		return tx.Bucket(bucketNodes).Delete(u64(id))
+	})
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.open()
+	if _, _, err := ts.s.SeekData(d, 0); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("SeekData over a missing node: %v, want ErrCorrupt", err)
+	}
+	if _, err := ts.s.SeekHole(d, 5*fanout); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("SeekHole over a missing node: %v, want ErrCorrupt", err)
+	}
+	ts.write(e, 1, []uint64{3})
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatalf("commit after the failed seeks: %v", err)
+	}
+	ts.check(e, model{0: 2, 1: 3}, 0, 4)
+}

@@ -102,6 +102,29 @@ func (s *Store) mutate(f func()) (err error) {
 	return nil
 }
 
+// inspect runs f, which only reads block maps (loading nodes into the
+// cache as it goes), with s.mu held exclusively. A metadata load failure
+// inside it is returned; nothing having changed, it does not poison the
+// store, so a damaged node met by an lseek fails that lseek only.
+func (s *Store) inspect(f func()) (err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.poisoned != nil {
+		return s.poisoned
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			me, ok := r.(metaErr)
+			if !ok {
+				panic(r)
+			}
+			err = me.err
+		}
+	}()
+	f()
+	return nil
+}
+
 func (s *Store) newNodeLocked() (uint64, *node) {
 	id := s.nextNode
 	s.nextNode++
@@ -568,7 +591,7 @@ func (s *Store) Discard(t TreeID, first, n uint64) error {
 
 // SeekData returns the first mapped sector at or after from, or ok false.
 func (s *Store) SeekData(t TreeID, from uint64) (sector uint64, ok bool, err error) {
-	err = s.mutate(func() {
+	err = s.inspect(func() {
 		ts, terr := s.tree(t)
 		if terr != nil {
 			panic(metaErr{terr})
@@ -607,7 +630,7 @@ func (s *Store) nextData(id uint64, level int, base, from uint64) (uint64, bool)
 // if none).
 func (s *Store) SeekHole(t TreeID, from uint64) (uint64, error) {
 	var sector uint64
-	err := s.mutate(func() {
+	err := s.inspect(func() {
 		ts, terr := s.tree(t)
 		if terr != nil {
 			panic(metaErr{terr})
