@@ -75,6 +75,6 @@ func runDefaultEncryption(c *cli.Context) error {
 	if a.Set {
 		verb = "set default encryption"
 	}
-	fmt.Fprintf(c.App.Writer, "%s in region %s: %s\n", verb, de.Region, state)
+	fmt.Fprintf(c.App.Writer, "%s of volume %s (region %s): %s\n", verb, c.Args().First(), de.Region, state)
 	return nil
 }

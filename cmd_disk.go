@@ -160,6 +160,9 @@ func runDiskCreate(c *cli.Context) error {
 	if o.Snapshot != "" && o.Image != "" {
 		return usageErrorf("give --snapshot or --image, not both")
 	}
+	if c.IsSet("category") && !volume.IsCategory(o.Category) {
+		return usageErrorf("--category %s: use cloud_essd, cloud_ssd, cloud_efficiency, cloud or local", o.Category)
+	}
 	switch {
 	case c.IsSet("size"):
 		n, err := parseSize(c, "size", c.String("size"))
@@ -311,8 +314,14 @@ func diskNameCommand(name, usage, op, done string) *cli.Command {
 			}
 			var d volume.DiskInfo
 			if err := volumeCall(c, c.Args().Get(0), op, nameArgs{c.Args().Get(1)}, &d); err != nil {
-				if op == opDiskAttach && errors.Is(err, volume.ErrAttached) || op == opDiskDetach && errors.Is(err, volume.ErrNotAttached) {
+				vol, disk := c.Args().Get(0), c.Args().Get(1)
+				switch {
+				case op == opDiskAttach && errors.Is(err, volume.ErrAttached) || op == opDiskDetach && errors.Is(err, volume.ErrNotAttached):
 					return withHint(err, "it already is %s: nothing to do", done)
+				case errors.Is(err, volume.ErrAttached):
+					return withHint(err, "detach it first with `encdisk disk detach %s %s`", vol, disk)
+				case errors.Is(err, volume.ErrNotAttached):
+					return withHint(err, "attach it first with `encdisk disk attach %s %s`", vol, disk)
 				}
 				return err
 			}

@@ -709,12 +709,14 @@ func (v *Volume) CopyImage(o CopyImageOptions) (*CopyImageResult, error) {
 		}
 		dst.mu.Lock()
 		k, err := dst.getKMS()
-		if err == nil {
-			pb, err = dst.charge("CopyImage", "image "+o.NewName, calls...)
+		if err != nil {
+			dst.mu.Unlock()
+			return fail(err)
 		}
+		pb, err = dst.charge("CopyImage", "image "+o.NewName, calls...)
 		dst.mu.Unlock()
 		if err != nil {
-			return fail(err)
+			return nil, err // it names the operation and the image
 		}
 		r.KeyOwner = r.ID
 		dk, wrapped, keyID, err := k.GenerateDataKey(dst.hdr.Region, keyRef, dataKeySize, dst.keyContext(r.KeyOwner))

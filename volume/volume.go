@@ -556,6 +556,9 @@ var categories = map[string]bool{
 	CategoryESSD: true, CategorySSD: true, CategoryEfficiency: true, CategoryBasic: true, CategoryLocal: true,
 }
 
+// IsCategory reports whether c names a disk category.
+func IsCategory(c string) bool { return categories[c] }
+
 // checkRules applies the cloud's encryption rules (SPEC section 3) to a new disk.
 func checkRules(o *CreateDiskOptions) error {
 	if !categories[o.Category] {
@@ -878,7 +881,7 @@ func (v *Volume) DeleteDisk(name string) (*DiskInfo, error) {
 		return nil, err
 	}
 	if d.rec.Status == StatusInUse {
-		return nil, fmt.Errorf("volume: delete disk %s: %w (detach it first: encdisk disk detach VOL %s)", name, ErrAttached, name)
+		return nil, fmt.Errorf("volume: delete disk %s: %w", name, ErrAttached)
 	}
 	di := v.info(d)
 	pb, err := v.chargeDisk("DeleteDisk", d)
