@@ -105,10 +105,10 @@ func parseBytes(flag, s, hint string) (uint64, error) {
 	return n, nil
 }
 
-// parseSize parses a human size into bytes: positive, whole 4 KiB sectors.
-// parseSize reads a disk size. One that is not a whole number of 4 KiB
-// sectors (20GB is 20 000 000 000 bytes) is rounded up to the next sector,
-// as LVM rounds up to its extents, and c's error stream says so.
+// parseSize reads a disk size: positive, in bytes. One that is not a whole
+// number of 4 KiB sectors (20GB is 20 000 000 000 bytes) is rounded up to
+// the next sector, as LVM rounds up to its extents, and c's error stream
+// says so.
 func parseSize(c *cli.Context, flag, s string) (int64, error) {
 	const hint = "write sizes like 20GiB, 512MiB or 1TB"
 	n, err := parseBytes(flag, s, hint)

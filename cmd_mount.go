@@ -697,7 +697,6 @@ func daemonStatusOf(absVol string) (*daemonStatus, error) {
 	return &st, nil
 }
 
-// isMountpoint reports whether path is listed in /proc/self/mountinfo.
 // mountTypeAt is the file system type of what is mounted on path (the
 // topmost mount, if several are stacked there), or "" if nothing is.
 func mountTypeAt(path string) string {
@@ -718,6 +717,7 @@ func mountTypeAt(path string) string {
 	return typ
 }
 
+// isMountpoint reports whether path is listed in /proc/self/mountinfo.
 func isMountpoint(path string) (bool, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
