@@ -42,6 +42,7 @@ func (s *Store) captureLocked() *changes {
 			c.nodes[id] = nil
 		}
 	}
+	s.inflight = c.nodes
 	for id := range s.dirtyNodeRefs {
 		c.nodeRefs[id] = s.nodeRefs[id]
 	}
@@ -81,6 +82,7 @@ func (s *Store) captureLocked() *changes {
 // restoreLocked marks the captured changes dirty again after a failed commit,
 // so the next commit retries them. s.mu held.
 func (s *Store) restoreLocked(c *changes) {
+	s.inflight = nil
 	for id := range c.nodes {
 		s.dirtyNodes[id] = s.nodes[id] != nil
 	}
@@ -359,6 +361,7 @@ func (s *Store) retire(c *changes) {
 		_ = s.punch(e)
 	}
 	s.mu.Lock()
+	s.inflight = nil
 	s.trimNodeCacheLocked()
 	s.free = mergeExtents(append(s.free, c.committing...))
 	s.committing = nil
@@ -533,10 +536,12 @@ var maxCachedNodes = 8192
 // than maxCachedNodes, down to three quarters of that; they are read again
 // from the database when needed. Without it the cache would grow with
 // every block map ever read or written (32 MiB per 16 GiB), in a daemon
-// whose memory is locked. It runs right after a durable commit (s.mu held,
-// commitMu held, no commit in flight), when every node that is not dirty
-// is as the database has it. Which nodes go is Go's map order: effectively
-// at random.
+// whose memory is locked. A node that is neither dirty nor captured by a
+// commit in flight is as the database has it. Call it with s.mu held
+// exclusively where no caller holds a *node: after a durable commit
+// (retire) and before Lookup or inspect load nodes, so that reads alone
+// keep the bound too. Which nodes go is Go's map order: effectively at
+// random.
 func (s *Store) trimNodeCacheLocked() {
 	if len(s.nodes) <= maxCachedNodes {
 		return
@@ -546,7 +551,9 @@ func (s *Store) trimNodeCacheLocked() {
 		if len(s.nodes) <= target {
 			return
 		}
-		if _, dirty := s.dirtyNodes[id]; !dirty {
+		_, dirty := s.dirtyNodes[id]
+		_, captured := s.inflight[id]
+		if !dirty && !captured {
 			delete(s.nodes, id)
 		}
 	}

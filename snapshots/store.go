@@ -118,6 +118,11 @@ type Store struct {
 	metaRoom  int64  // bytes of the metadata file known to be allocated (keepMetaRoom)
 
 	openFixes []Problem // what Open found wrong and fixed; the next Check reports them
+
+	// inflight are the nodes the commit in progress captured (nil when
+	// none is): no longer dirty, not yet in the database, so the node
+	// cache must keep them.
+	inflight map[uint64][]byte
 }
 
 // DB returns the metadata database, for the caller's own buckets. Write to it

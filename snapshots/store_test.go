@@ -539,3 +539,103 @@ func TestSeekOnDamagedNodeDoesNotPoison(t *testing.T) {
 	}
 	ts.check(e, model{0: 2, 1: 3}, 0, 4)
 }
+
+// TestLookupRacingDiscard: a read that finds a node missing from the cache
+// while a discard frees that node (and a commit deletes it) neither brings
+// the freed node back into the cache, to be stored again as an orphan, nor
+// fails for want of it.
+func TestLookupRacingDiscard(t *testing.T) {
+	defer func(n int) { maxCachedNodes = n }(maxCachedNodes)
+	defer func() { testHookLookupUnlocked = nil }()
+	for _, commitMeanwhile := range []bool{false, true} {
+		maxCachedNodes = 0 // every commit drops every clean node
+		ts := newTestStore(t)
+		var d TreeID
+		ts.apply(func(tx *Tx) error { d = tx.NewTree(); return nil })
+		ts.write(d, 5, []uint64{7})
+		ts.write(d, 3*fanout, []uint64{8})
+		if err := ts.s.Commit(nil); err != nil {
+			t.Fatal(err)
+		}
+		ts.read(d, 3*fanout, 1) // caches the path to the second leaf, not the first
+		var stored int          // nodes in the database: root, two interior, two leaves
+		ts.db.View(func(tx *bolt.Tx) error { stored = tx.Bucket(bucketNodes).Stats().KeyN; return nil })
+		done := make(chan error, 1)
+		testHookLookupUnlocked = func() {
+			testHookLookupUnlocked = nil
+			if err := ts.s.Discard(d, 0, fanout); err != nil { // frees the first leaf
+				t.Error(err)
+			}
+			if !commitMeanwhile {
+				return
+			}
+			// The sync loop commits: the metadata transaction deletes the
+			// leaf; retiring waits for this reader to leave the I/O gate.
+			go func() { done <- ts.s.Commit(nil) }()
+			for {
+				var gone bool
+				ts.db.View(func(tx *bolt.Tx) error {
+					gone = tx.Bucket(bucketNodes).Stats().KeyN < stored
+					return nil
+				})
+				if gone {
+					break
+				}
+			}
+		}
+		out := make([]uint64, 8)
+		ts.s.BeginIO()
+		err := ts.s.Lookup(d, 0, out)
+		ts.s.EndIO()
+		if err != nil {
+			t.Fatalf("commit meanwhile %v: Lookup racing a discard: %v", commitMeanwhile, err)
+		}
+		if commitMeanwhile {
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := ts.s.Commit(nil); err != nil {
+			t.Fatal(err)
+		}
+		if r, err := ts.s.Check(CheckOptions{}); err != nil || !r.OK() {
+			t.Fatalf("commit meanwhile %v: check after a read raced a discard: %v %v", commitMeanwhile, err, r.Problems)
+		}
+		ts.close()
+	}
+}
+
+// TestNodeCacheBoundedByReads: reads alone (no commit that writes
+// metadata) keep the node cache within its bound.
+func TestNodeCacheBoundedByReads(t *testing.T) {
+	defer func(n int) { maxCachedNodes = n }(maxCachedNodes)
+	maxCachedNodes = 64
+	ts := newTestStore(t)
+	var d TreeID
+	ts.apply(func(tx *Tx) error { d = tx.NewTree(); return nil })
+	const leaves = 300
+	for i := range uint64(leaves) {
+		ts.write(d, i*fanout, []uint64{i + 1})
+	}
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatal(err)
+	}
+	ts.close()
+	ts.open()
+	for i := range uint64(leaves) {
+		if got := ts.read(d, i*fanout, 1)[0]; got != i+1 {
+			t.Fatalf("sector %d: tag %d, want %d", i*fanout, got, i+1)
+		}
+		if n := len(ts.s.nodes); n > maxCachedNodes+levels {
+			t.Fatalf("after reading %d leaves: %d nodes cached, bound %d", i+1, n, maxCachedNodes)
+		}
+	}
+	for i := range uint64(leaves) {
+		if _, _, err := ts.s.SeekData(d, i*fanout); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(ts.s.nodes); n > maxCachedNodes+levels {
+		t.Errorf("after seeks: %d nodes cached, bound %d", n, maxCachedNodes)
+	}
+}

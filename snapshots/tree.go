@@ -112,6 +112,7 @@ func (s *Store) inspect(f func()) (err error) {
 	if s.poisoned != nil {
 		return s.poisoned
 	}
+	s.trimNodeCacheLocked()
 	defer func() {
 		if r := recover(); r != nil {
 			me, ok := r.(metaErr)
@@ -402,25 +403,40 @@ func (s *Store) Lookup(t TreeID, first uint64, out []uint64) error {
 	if err := checkRange(first, len(out)); err != nil {
 		return err
 	}
-	for {
-		s.mu.RLock()
-		ts, err := s.tree(t)
-		var missing uint64
-		if err == nil {
-			missing = s.lookupLocked(ts, first, out)
-		}
-		s.mu.RUnlock()
-		if err != nil || missing == 0 {
-			return err
-		}
-		s.mu.Lock()
-		_, err = s.loadNodeLocked(missing)
-		s.mu.Unlock()
-		if err != nil {
-			return err
-		}
+	s.mu.RLock()
+	ts, err := s.tree(t)
+	var missing uint64
+	if err == nil {
+		missing = s.lookupLocked(ts, first, out)
 	}
+	s.mu.RUnlock()
+	if err != nil || missing == 0 {
+		return err
+	}
+	if testHookLookupUnlocked != nil {
+		testHookLookupUnlocked()
+	}
+	// Load what is missing under the write lock, walking from the root
+	// again: the node missing a moment ago may have been freed since (a
+	// discard), and loading it by id would bring a freed node back into the
+	// cache (stored again by the next commit), or fail once a commit has
+	// deleted it.
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.trimNodeCacheLocked()
+	ts, err = s.tree(t)
+	for err == nil {
+		if missing = s.lookupLocked(ts, first, out); missing == 0 {
+			break
+		}
+		_, err = s.loadNodeLocked(missing)
+	}
+	return err
 }
+
+// testHookLookupUnlocked, if set (by tests), runs in Lookup between the read
+// lock and the write lock, where other operations may run.
+var testHookLookupUnlocked func()
 
 // sharedNode reports whether node id may be seen by more than one tree, now
 // or in the last durable commit.
