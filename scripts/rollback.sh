@@ -11,8 +11,9 @@
 # read-only, sector size). If the reset fails (the disk is open elsewhere,
 # the balance or the key refuses it), the loop device and the file system
 # are put back unchanged. Without MOUNTPOINT, the disk must not be in use.
-# File systems on partitions of the loop device (losetup -P) are refused:
-# unmount them first. ENCDISK names the binary.
+# File systems on partitions of the loop device (losetup -P), and a file
+# system mounted in more than one place (bind mounts), are refused: unmount
+# them first. ENCDISK names the binary.
 set -euo pipefail
 if [ $# -lt 3 ] || [ $# -gt 4 ]; then
 	echo "usage: $0 VOL DISK SNAPSHOT [MOUNTPOINT]" >&2
@@ -28,7 +29,7 @@ if ! "$encdisk" snapshot list "$vol" "$disk" | awk -v s="$snap" 'NR > 1 && $1 ==
 	exit 1
 fi
 
-loop="" fsdir="" opts="" attach=()
+loop="" fsdir="" opts="" attach=() autoclear=0
 if [ -n "$mp" ]; then
 	file=$mp/$disk
 	loop=$(losetup -n -O NAME -j "$file" | head -n 1 | tr -d ' ')
@@ -39,34 +40,53 @@ if [ -n "$loop" ]; then
 		echo "rollback: partitions of $loop are mounted ($parts): unmount them first" >&2
 		exit 1
 	fi
+	targets=$(findmnt -rn -o TARGET --source "$loop" || true)
+	if [ "$(printf '%s' "$targets" | grep -c .)" -gt 1 ]; then
+		echo "rollback: $loop is mounted in more than one place ($(echo $targets)): unmount all but one first" >&2
+		exit 1
+	fi
 	# Attach it again the way it was.
-	read -r dio offset sizelimit ro logsec partscan < <(losetup -n -O DIO,OFFSET,SIZELIMIT,RO,LOG-SEC,PARTSCAN "$loop")
+	read -r dio offset sizelimit ro logsec partscan autoclear < <(losetup -n -O DIO,OFFSET,SIZELIMIT,RO,LOG-SEC,PARTSCAN,AUTOCLEAR "$loop")
 	attach=(--direct-io="$([ "$dio" = 1 ] && echo on || echo off)" --offset "$offset" --sector-size "$logsec")
 	[ "$sizelimit" = 0 ] || attach+=(--sizelimit "$sizelimit")
 	[ "$ro" = 0 ] || attach+=(--read-only)
 	[ "$partscan" = 0 ] || attach+=(--partscan)
-	fsdir=$(findmnt -n -o TARGET --source "$loop" | head -n 1 || true)
+	fsdir=$targets
 	if [ -n "$fsdir" ]; then
 		opts=$(findmnt -n -o OPTIONS --target "$fsdir" | head -n 1)
 		echo "rollback: unmounting $fsdir ($loop)"
 		umount "$fsdir"
 	fi
-	losetup -d "$loop"
-	# The loop device releases the file asynchronously.
+	# A loop device set up by mount -o loop (autoclear) goes with the unmount.
+	if losetup "$loop" >/dev/null 2>&1; then
+		losetup -d "$loop"
+	fi
+	# The loop device releases the file asynchronously; something else may
+	# hold it (then the reset is refused, and the file system goes back on
+	# the same device).
 	for _ in $(seq 50); do
 		losetup -j "$file" | grep -q . || break
 		sleep 0.1
 	done
 fi
 
-# putBack attaches the disk and mounts its file system again.
+# putBack attaches the disk and mounts its file system again; on the old
+# loop device if it is still there (still held: only its detach was
+# scheduled), so that no file system is ever live on two devices.
 putBack() {
-	newloop=$(losetup "${attach[@]}" -f --show "$mp/$disk")
+	if losetup "$loop" >/dev/null 2>&1 && losetup -n -O BACK-FILE "$loop" | grep -qF "$disk"; then
+		newloop=$loop
+	else
+		newloop=$(losetup "${attach[@]}" -f --show "$mp/$disk")
+	fi
 	if [ -n "$fsdir" ]; then
 		mount -o "$opts" "$newloop" "$fsdir"
 		echo "rollback: $fsdir mounted again from $newloop"
 	else
 		echo "rollback: $mp/$disk attached again as $newloop"
+	fi
+	if [ "$autoclear" = 1 ]; then
+		echo "rollback: $newloop was set up by mount -o loop; detach it with losetup -d after unmounting"
 	fi
 }
 

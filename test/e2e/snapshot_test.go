@@ -212,6 +212,56 @@ func TestRollbackKeepsLoopSetup(t *testing.T) {
 	checkFiles(t, fsDir, before)
 }
 
+// TestRollbackMountVariants: a file system mounted with mount -o loop (an
+// autoclear loop device, gone with the unmount) rolls back; one mounted in
+// two places (a bind mount) is refused before anything is taken down.
+func TestRollbackMountVariants(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d1", "--size", "64MiB", "--encrypted")
+	e.mount()
+	file := filepath.Join(e.mnt, "d1")
+	sh(t, "mkfs.ext4", "-q", file)
+	fsDir, bind := filepath.Join(e.dir, "fs"), filepath.Join(e.dir, "bind")
+	os.MkdirAll(fsDir, 0o700)
+	os.MkdirAll(bind, 0o700)
+	t.Cleanup(func() {
+		for _, d := range []string{bind, fsDir} {
+			if exec.Command("mountpoint", "-q", d).Run() == nil {
+				src, _ := exec.Command("findmnt", "-n", "-o", "SOURCE", "--target", d).Output()
+				exec.Command("umount", d).Run()
+				exec.Command("losetup", "-d", strings.TrimSpace(string(src))).Run()
+			}
+		}
+	})
+	sh(t, "mount", "-o", "loop", file, fsDir)
+	sh(t, "sync", "-f", fsDir)
+	e.run("snapshot", "create", e.vol, "d1", "s1")
+	after := filepath.Join(fsDir, "after.bin")
+	os.WriteFile(after, []byte("after the snapshot\n"), 0o600)
+	sh(t, "sync", "-f", fsDir)
+
+	// Mounted twice: refused, nothing taken down.
+	sh(t, "mount", "--bind", fsDir, bind)
+	if out := e.scriptFails("rollback.sh", e.vol, "d1", "s1", e.mnt); !strings.Contains(out, "more than one place") {
+		t.Errorf("rollback.sh of a file system mounted twice said:\n%s", out)
+	}
+	if _, err := os.Stat(after); err != nil {
+		t.Fatalf("a refused rollback changed the file system: %v", err)
+	}
+	sh(t, "umount", bind)
+
+	// mount -o loop: the loop device goes with the unmount; the rollback
+	// goes through and mounts it again.
+	out := e.script("rollback.sh", e.vol, "d1", "s1", e.mnt)
+	if !strings.Contains(out, "mounted again") {
+		t.Errorf("rollback.sh said:\n%s", out)
+	}
+	if _, err := os.Stat(after); !os.IsNotExist(err) {
+		t.Errorf("after rollback a file written after the snapshot is still there: %v", err)
+	}
+}
+
 // TestCloneDiskFromSnapshot: a disk made from a snapshot while mounted
 // appears at once, shares the data (same ext4 files), and is independent.
 func TestCloneDiskFromSnapshot(t *testing.T) {
