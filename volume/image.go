@@ -629,7 +629,7 @@ func (v *Volume) CopyImage(o CopyImageOptions) (*CopyImageResult, error) {
 				// keystore, which the other volume does not use.
 				return fail(fmt.Errorf("%w: %s uses another keystore (%s) than %s (%s): an encrypted copy made here could not be decrypted there; copy the unencrypted image, then encrypt it in %s with `image copy --encrypted`", ErrRule, o.To, h.KeystoreDir, v.dir, v.hdr.KeystoreDir, o.To))
 			}
-			dv, err := Open(o.To, OpenOptions{KMS: v.opts.KMS, Logf: v.opts.Logf})
+			dv, err := Open(o.To, OpenOptions{KMS: v.opts.KMS, Logf: v.opts.Logf, Billing: v.opts.Billing})
 			if errors.Is(err, ErrLocked) {
 				return fail(fmt.Errorf("volume %s: %w: it is mounted or another encdisk command has it open; copy into it while it is not mounted (`encdisk umount` it first)", o.To, ErrLocked))
 			}

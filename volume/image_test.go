@@ -552,6 +552,19 @@ func TestImageCopyBilling(t *testing.T) {
 	if k := st.Keys["key-cmk"]; k == nil || !k.Since.IsZero() || k.days(time.Now()) != 1 {
 		t.Fatalf("key-cmk after its only image was deleted: %+v, want out of use with 1 day", k)
 	}
+	// Into another volume, the balance applies the same.
+	other := filepath.Join(t.TempDir(), "hz2")
+	if _, err := Init(other, InitOptions{Region: "cn-hangzhou", KeystoreDir: "/nonexistent"}); err != nil {
+		t.Fatal(err)
+	}
+	prices.Balance = &bal
+	if _, err := v.CopyImage(CopyImageOptions{Name: "svc", NewName: "cmk", KMSKeyID: "key-cmk", To: other}); !errors.Is(err, ErrBalance) {
+		t.Fatalf("copy into another volume over balance: %v", err)
+	}
+	prices.Balance = nil
+	if _, err := v.CopyImage(CopyImageOptions{Name: "svc", NewName: "cmk", KMSKeyID: "key-cmk", To: other}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestImageCheckDirs(t *testing.T) {
