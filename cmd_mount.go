@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -481,9 +482,12 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	st := daemonStatus{PID: os.Getpid(), Volume: a.absVol, Mountpoint: a.absMP, Started: time.Now().UTC()}
 	var (
 		fsrv    *fs.Server
-		opMu    sync.Mutex
+		opMu    sync.Mutex // one management operation at a time
+		running atomic.Pointer[string]
+		closing atomic.Bool // unmounted: no more operations
 		umountM sync.Mutex
 	)
+
 	// unmount refuses while a disk is open (a loop device, a program):
 	// the kernel would refuse anyway, and this way the user learns who.
 	unmount := func() error {
@@ -519,6 +523,19 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 		}
 		opMu.Lock()
 		defer opMu.Unlock()
+		// One that waited for its turn behind a long one (an image copy)
+		// is not run if its client gave up meanwhile (Ctrl-C, a timeout:
+		// the user saw it fail) or the daemon is shutting down.
+		switch {
+		case ctx.Err() != nil:
+			logger.Printf("%s: not run: its client went away while it waited for its turn", op)
+			return nil, toControlError(fmt.Errorf("%s was not run: %w", op, ctx.Err()))
+		case closing.Load():
+			logger.Printf("%s: not run: the volume is being unmounted", op)
+			return nil, toControlError(fmt.Errorf("%s was not run: the volume is being unmounted; run it again once it is", op))
+		}
+		running.Store(&op)
+		defer running.Store(nil)
 		if op == opImageCopy || op == opImageExport {
 			// A client that hangs up (Ctrl-C) cancels ctx: the copy stops
 			// and is rolled back, as when it runs in the client itself.
@@ -589,6 +606,14 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	readyOnce()
 	fsrv.Wait()
 	logger.Printf("unmounted %s", a.absMP)
+	// An operation still running (an image copy or export) finishes
+	// before the daemon exits; those waiting behind it are not run.
+	closing.Store(true)
+	if p := running.Load(); p != nil {
+		logger.Printf("waiting for %s to finish", *p)
+	}
+	opMu.Lock()
+	opMu.Unlock()
 	srv.Close()
 	return nil
 }
