@@ -315,6 +315,7 @@ var errorKinds = []struct {
 	{volume.ErrBalance, "balance"},
 	{volume.ErrDefaultEncryption, "default_encryption"},
 	{volume.ErrNoImage, "no_image"},
+	{control.ErrDaemonGone, "daemon_gone"},
 	{keystore.ErrWrongSecret, "wrong_secret"},
 	{keystore.ErrNoKeystore, "no_keystore"},
 	{keystore.ErrKeyNotFound, "key_not_found"},
@@ -407,6 +408,8 @@ func hintFor(err error) string {
 		return "raise balance in the [billing] table of config.toml; `encdisk billing VOL` shows what was spent"
 	case "default_encryption":
 		return fmt.Sprintf("`encdisk config default-encryption %s` shows the setting", vol)
+	case "daemon_gone":
+		return fmt.Sprintf("the mount daemon stopped while it ran the command (see %s); an image copy or a half-done change is rolled back when the volume is next opened", filepath.Join(vol, "daemon.log"))
 	case "newer_format":
 		return "this volume was written by a newer encdisk"
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"syscall"
 	"time"
@@ -68,6 +69,9 @@ func (c *Client) Call(op string, args, result any) error {
 	// Responses are not bounded by MaxRequest (a disk list can be long), but
 	// they are bounded: 64 MiB is far more than any answer.
 	resp, err := readLine(c.r, 64<<20)
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) {
+		return fmt.Errorf("control: %s: %w", op, ErrDaemonGone)
+	}
 	if err != nil {
 		return fmt.Errorf("control: read answer to %s: %w", op, err)
 	}

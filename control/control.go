@@ -62,6 +62,9 @@ var (
 	// ErrCanceled means the caller gave up on a call (CallCancel) and hung
 	// up: the daemon's handler sees its context canceled.
 	ErrCanceled = errors.New("call canceled by the caller")
+	// ErrDaemonGone means the daemon closed the connection before it
+	// answered: it exited or was killed while it ran the call.
+	ErrDaemonGone = errors.New("the mount daemon went away before it answered")
 )
 
 // Request is one management call.

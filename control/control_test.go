@@ -159,6 +159,30 @@ func TestNoDaemon(t *testing.T) {
 	}
 }
 
+// TestDaemonGone: a daemon that closes the connection without answering
+// (it exited or was killed meanwhile) gives ErrDaemonGone.
+func TestDaemonGone(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "control.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		bufio.NewReader(c).ReadBytes('\n') // the request, then nothing
+		c.Close()
+	}()
+	err = Call(path, "image.copy", nil, nil, 10*time.Second)
+	if !errors.Is(err, ErrDaemonGone) {
+		t.Fatalf("Call to a daemon that hangs up: %v, want ErrDaemonGone", err)
+	}
+}
+
 // rawExchange writes raw bytes and returns the first response line.
 func rawExchange(t *testing.T, path string, data []byte) Response {
 	t.Helper()
