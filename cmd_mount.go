@@ -210,7 +210,7 @@ func checkMount(a mountArgs) error {
 	if fi, err := os.Stat(a.absMP); err == nil && !fi.IsDir() {
 		return fmt.Errorf("mount point %s is not a directory", a.mp)
 	}
-	if mounted, _ := isMountpoint(a.absMP); mounted {
+	if mountTypeAt(a.absMP) != "" {
 		return withHint(fmt.Errorf("%s is already a mount point", a.mp), "choose another directory, or unmount it first (`encdisk umount %s`)", a.mp)
 	}
 	if isInside(a.absMP, a.absVol) {
@@ -722,41 +722,41 @@ func daemonStatusOf(absVol string) (*daemonStatus, error) {
 	return &st, nil
 }
 
+// mountEntry is one line of /proc/self/mountinfo: where, and what type.
+type mountEntry struct{ point, fstype string }
+
+// mounts lists /proc/self/mountinfo in its order (a mount stacked on
+// another comes after it). Lines it cannot read are left out.
+func mounts() ([]mountEntry, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var ms []mountEntry
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		fields, tail := strings.Fields(pre), strings.Fields(post)
+		if ok && len(fields) > 4 && len(tail) > 0 {
+			ms = append(ms, mountEntry{unescapeMountinfo(fields[4]), tail[0]})
+		}
+	}
+	return ms, sc.Err()
+}
+
 // mountTypeAt is the file system type of what is mounted on path (the
 // topmost mount, if several are stacked there), or "" if nothing is.
 func mountTypeAt(path string) string {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
+	ms, _ := mounts()
 	typ := ""
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		fields, tail := strings.Fields(pre), strings.Fields(post)
-		if ok && len(fields) > 4 && len(tail) > 0 && unescapeMountinfo(fields[4]) == path {
-			typ = tail[0]
+	for _, m := range ms {
+		if m.point == path {
+			typ = m.fstype
 		}
 	}
 	return typ
-}
-
-// isMountpoint reports whether path is listed in /proc/self/mountinfo.
-func isMountpoint(path string) (bool, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return false, err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) > 4 && unescapeMountinfo(fields[4]) == path {
-			return true, nil
-		}
-	}
-	return false, sc.Err()
 }
 
 // encdiskMountOf returns the encdisk mount point that path is in or below
@@ -765,24 +765,13 @@ func isMountpoint(path string) (bool, error) {
 // resolved), never looked at, since any of them may belong to a daemon that
 // is stopped or stuck, and a stat there would hang this command too.
 func encdiskMountOf(path string) string {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
+	ms, _ := mounts()
 	path = resolvePath(path)
 	best := ""
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		fields, tail := strings.Fields(pre), strings.Fields(post)
-		if !ok || len(fields) < 5 || len(tail) < 1 || tail[0] != "fuse.encdisk" {
-			continue
-		}
-		mp := unescapeMountinfo(fields[4])
-		if len(mp) > len(best) && (path == mp || strings.HasPrefix(path, strings.TrimSuffix(mp, "/")+"/")) {
-			best = mp
+	for _, m := range ms {
+		if m.fstype == "fuse.encdisk" && len(m.point) > len(best) &&
+			(path == m.point || strings.HasPrefix(path, strings.TrimSuffix(m.point, "/")+"/")) {
+			best = m.point
 		}
 	}
 	return best

@@ -412,32 +412,24 @@ func (s *Store) Apply(op func(tx *Tx) error, extra func(tx *bolt.Tx) error) erro
 // leave the store poisoned (an error here). A commit fails before anything
 // of it is durable, for example when the caller's extra cannot write its
 // files on a full file system, so undoing the creation is exact. s.mu held.
-func (s *Store) undoLocked(tx *Tx) (err error) {
+func (s *Store) undoLocked(tx *Tx) error {
 	if tx.changed {
 		return errors.New("changes to existing trees cannot be undone")
 	}
-	defer func() {
-		if r := recover(); r != nil {
-			me, ok := r.(metaErr)
-			if !ok {
-				panic(r)
+	return catchMeta(func() {
+		for i := len(tx.created) - 1; i >= 0; i-- {
+			t := tx.created[i]
+			ts := s.trees[t]
+			if ts == nil {
+				continue
 			}
-			err = me.err
+			if ts.root != 0 {
+				s.decNode(ts.root, levels-1)
+			}
+			delete(s.trees, t)
+			s.dirtyTrees[t] = true
 		}
-	}()
-	for i := len(tx.created) - 1; i >= 0; i-- {
-		t := tx.created[i]
-		ts := s.trees[t]
-		if ts == nil {
-			continue
-		}
-		if ts.root != 0 {
-			s.decNode(ts.root, levels-1)
-		}
-		delete(s.trees, t)
-		s.dirtyTrees[t] = true
-	}
-	return nil
+	})
 }
 
 // Tx changes trees inside Apply.

@@ -79,22 +79,15 @@ func (s *Store) nodeW(id uint64) *node {
 
 type metaErr struct{ err error }
 
-// mutate runs f with s.mu held exclusively, turning a metadata load failure
-// inside it into an error and poisoning the store (its in-memory state may be
-// half changed).
-func (s *Store) mutate(f func()) (err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.poisoned != nil {
-		return s.poisoned
-	}
+// catchMeta runs f, turning a metadata load failure inside it (a metaErr
+// panic) into its error. Any other panic goes on.
+func catchMeta(f func()) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			me, ok := r.(metaErr)
 			if !ok {
 				panic(r)
 			}
-			s.poisoned = fmt.Errorf("%w: %v", ErrPoisoned, me.err)
 			err = me.err
 		}
 	}()
@@ -102,28 +95,34 @@ func (s *Store) mutate(f func()) (err error) {
 	return nil
 }
 
+// mutate runs f with s.mu held exclusively, turning a metadata load failure
+// inside it into an error and poisoning the store (its in-memory state may be
+// half changed).
+func (s *Store) mutate(f func()) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.poisoned != nil {
+		return s.poisoned
+	}
+	err := catchMeta(f)
+	if err != nil {
+		s.poisoned = fmt.Errorf("%w: %v", ErrPoisoned, err)
+	}
+	return err
+}
+
 // inspect runs f, which only reads block maps (loading nodes into the
 // cache as it goes), with s.mu held exclusively. A metadata load failure
 // inside it is returned; nothing having changed, it does not poison the
 // store, so a damaged node met by an lseek fails that lseek only.
-func (s *Store) inspect(f func()) (err error) {
+func (s *Store) inspect(f func()) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.poisoned != nil {
 		return s.poisoned
 	}
 	s.trimNodeCacheLocked()
-	defer func() {
-		if r := recover(); r != nil {
-			me, ok := r.(metaErr)
-			if !ok {
-				panic(r)
-			}
-			err = me.err
-		}
-	}()
-	f()
-	return nil
+	return catchMeta(f)
 }
 
 func (s *Store) newNodeLocked() (uint64, *node) {

@@ -146,6 +146,22 @@ func TestSnapshotRollbackExt4(t *testing.T) {
 	}
 }
 
+// cleanupLoopMounts unmounts, when the test ends, whatever is still mounted
+// on dirs, in order, and detaches its loop device: rollback.sh replaces the
+// loop device a test set up.
+func cleanupLoopMounts(t *testing.T, dirs ...string) {
+	t.Cleanup(func() {
+		for _, d := range dirs {
+			if exec.Command("mountpoint", "-q", d).Run() != nil {
+				continue
+			}
+			src, _ := exec.Command("findmnt", "-n", "-o", "SOURCE", "--target", d).Output()
+			exec.Command("umount", d).Run()
+			exec.Command("losetup", "-d", strings.TrimSpace(string(src))).Run()
+		}
+	})
+}
+
 // TestRollbackKeepsLoopSetup: rollback.sh attaches the disk again as it was
 // (here a file system at an offset, as on a partition), and when the reset
 // fails (the disk is open elsewhere) puts the loop device and the file
@@ -159,15 +175,8 @@ func TestRollbackKeepsLoopSetup(t *testing.T) {
 	dev := sh(t, "losetup", "--direct-io=on", "-o", "1048576", "-f", "--show", file)
 	fsDir := filepath.Join(e.dir, "fs")
 	os.MkdirAll(fsDir, 0o700)
-	// Whatever the test leaves: the file system, and the loop device the
-	// script attached last.
-	t.Cleanup(func() {
-		if src, err := exec.Command("findmnt", "-n", "-o", "SOURCE", "--target", fsDir).Output(); err == nil && exec.Command("mountpoint", "-q", fsDir).Run() == nil {
-			exec.Command("umount", fsDir).Run()
-			dev = strings.TrimSpace(string(src))
-		}
-		exec.Command("losetup", "-d", dev).Run()
-	})
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	cleanupLoopMounts(t, fsDir)
 	sh(t, "mkfs.ext4", "-q", dev)
 	sh(t, "mount", dev, fsDir)
 	before := writeRandomFiles(t, fsDir, 2, 1<<20)
@@ -225,15 +234,7 @@ func TestRollbackMountVariants(t *testing.T) {
 	fsDir, bind := filepath.Join(e.dir, "fs"), filepath.Join(e.dir, "bind")
 	os.MkdirAll(fsDir, 0o700)
 	os.MkdirAll(bind, 0o700)
-	t.Cleanup(func() {
-		for _, d := range []string{bind, fsDir} {
-			if exec.Command("mountpoint", "-q", d).Run() == nil {
-				src, _ := exec.Command("findmnt", "-n", "-o", "SOURCE", "--target", d).Output()
-				exec.Command("umount", d).Run()
-				exec.Command("losetup", "-d", strings.TrimSpace(string(src))).Run()
-			}
-		}
-	})
+	cleanupLoopMounts(t, bind, fsDir)
 	sh(t, "mount", "-o", "loop", file, fsDir)
 	sh(t, "sync", "-f", fsDir)
 	e.run("snapshot", "create", e.vol, "d1", "s1")
