@@ -45,7 +45,9 @@
 //   - fallocate: mode 0 inside the disk succeeds and does nothing (disks are
 //     thin); past the end it grows the disk (Resize). KEEP_SIZE alone does
 //     nothing. PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE(|KEEP_SIZE) call Discard
-//     on the part inside the disk; ZERO_RANGE without KEEP_SIZE also grows.
+//     on the part inside the disk; ZERO_RANGE without KEEP_SIZE also grows
+//     the disk, first, so that a refused growth (EINVAL for a size that is
+//     not whole 4 KiB sectors) zeroes nothing.
 //     Other modes (COLLAPSE_RANGE, INSERT_RANGE, UNSHARE, PUNCH_HOLE without
 //     KEEP_SIZE) fail with EOPNOTSUPP. A loop device turns discards into
 //     punch-holes, so fstrim in a file system on it gives space back.

@@ -205,6 +205,31 @@ func TestAllocateModes(t *testing.T) {
 	}
 }
 
+// TestZeroRangeRefusedGrowth: a ZERO_RANGE that would grow the disk and
+// whose growth is refused fails without zeroing anything, as fallocate(2)
+// fails without side effects.
+func TestZeroRangeRefusedGrowth(t *testing.T) {
+	const size = 16 * memBlock
+	b := newMemBackend()
+	s := b.add("d", size)
+	s.writeAt(bytes.Repeat([]byte{0xAA}, size), 0)
+	s.resizeErr = fmt.Errorf("memdisk: resize refused: %w", syscall.EINVAL)
+	m, _ := newTestMountState(b)
+	h := newTestHandle(t, b, m)
+	if got := h.Allocate(context.Background(), 14*memBlock, 4*memBlock, unix.FALLOC_FL_ZERO_RANGE); got != syscall.EINVAL {
+		t.Fatalf("Allocate = %v, want EINVAL", got)
+	}
+	if got := h.disk.Size(); got != size {
+		t.Errorf("size = %d, want %d", got, size)
+	}
+	if !bytes.Equal(s.bytes(), bytes.Repeat([]byte{0xAA}, size)) {
+		t.Error("a refused ZERO_RANGE zeroed data")
+	}
+	if got := s.allocated(); got != size {
+		t.Errorf("allocated = %d, want %d", got, size)
+	}
+}
+
 func TestHandleReadWrite(t *testing.T) {
 	b := newMemBackend()
 	b.add("d", 3*memBlock)

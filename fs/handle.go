@@ -118,8 +118,8 @@ const (
 //     thin); past the size it grows the disk to off+size (Resize).
 //   - KEEP_SIZE alone succeeds without doing anything.
 //   - PUNCH_HOLE|KEEP_SIZE discards the range (clipped to the size).
-//   - ZERO_RANGE discards the range; without KEEP_SIZE it also grows the
-//     disk to off+size.
+//   - ZERO_RANGE discards the range; without KEEP_SIZE it first grows the
+//     disk to off+size, so a refused growth zeroes nothing.
 //   - any other mode is EOPNOTSUPP.
 func (h *handle) Allocate(ctx context.Context, off, size uint64, mode uint32) syscall.Errno {
 	if h.readOnly {
@@ -140,13 +140,15 @@ func (h *handle) Allocate(ctx context.Context, off, size uint64, mode uint32) sy
 	case fallocPunchHole | fallocKeepSize:
 		return h.discard(start, end)
 	case fallocZeroRange, fallocZeroRange | fallocKeepSize:
-		if errno := h.discard(start, end); errno != 0 {
-			return errno
-		}
+		// Grow first: a growth the disk refuses (a size that is not
+		// whole sectors, say) then fails the call before anything is
+		// zeroed. What the growth adds reads as zeros already.
 		if mode&fallocKeepSize == 0 {
-			return h.grow(end)
+			if errno := h.grow(end); errno != 0 {
+				return errno
+			}
 		}
-		return 0
+		return h.discard(start, end)
 	}
 	return h.m.refuse("fallocate", h.name, syscall.EOPNOTSUPP, "unsupported mode")
 }

@@ -26,6 +26,10 @@ type memStore struct {
 	// a disk does when its backing file system fills up halfway.
 	limited bool
 	room    int64
+	// resizeErr, if set, is what resize fails with (a growth the volume
+	// refuses: a size that is not whole sectors, a billed ResizeDisk
+	// the balance cannot cover).
+	resizeErr error
 }
 
 func newMemStore(size int64) *memStore {
@@ -179,6 +183,9 @@ func (s *memStore) allocated() int64 {
 func (s *memStore) resize(size int64) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.resizeErr != nil {
+		return s.resizeErr
+	}
 	if size < s.size {
 		return fmt.Errorf("memdisk: resize from %d to %d: disks only grow: %w", s.size, size, syscall.EINVAL)
 	}
