@@ -18,6 +18,7 @@ import (
 type Disk struct {
 	v        *Volume
 	d        *disk
+	name     string // d.rec.Name, read without v.mu (setRec rewrites d.rec under it)
 	tree     snapshots.TreeID
 	cipher   *blockcrypt.Cipher // nil: unencrypted
 	writable bool
@@ -67,7 +68,7 @@ func (v *Volume) OpenDisk(name string, writable bool, who string) (*Disk, error)
 		}
 		v.logf("disk %s: data key loaded", d.rec.Name)
 	}
-	h := &Disk{v: v, d: d, tree: snapshots.TreeID(d.rec.Tree), cipher: d.cipher, writable: writable}
+	h := &Disk{v: v, d: d, name: d.rec.Name, tree: snapshots.TreeID(d.rec.Tree), cipher: d.cipher, writable: writable}
 	d.opens[h] = who
 	return h, nil
 }
@@ -94,9 +95,9 @@ func (h *Disk) Allocated() int64 {
 // Resize grows the disk (ResizeDisk).
 func (h *Disk) Resize(size int64) error {
 	if h.d.readonly {
-		return fmt.Errorf("volume: %s is a snapshot: %w", h.d.rec.Name, syscall.EROFS)
+		return fmt.Errorf("volume: %s is a snapshot: %w", h.name, syscall.EROFS)
 	}
-	_, err := h.v.ResizeDisk(h.d.rec.Name, size)
+	_, err := h.v.ResizeDisk(h.name, size)
 	if errors.Is(err, ErrShrink) || errors.Is(err, ErrBadSize) {
 		return fmt.Errorf("%w: %w", syscall.EINVAL, err)
 	}
@@ -207,18 +208,18 @@ func (h *Disk) readSectors(p []byte, first uint64, sc *scratch) error {
 func (h *Disk) ioErr(op string, err error) error {
 	var errno syscall.Errno
 	if errors.As(err, &errno) {
-		return fmt.Errorf("volume: %s disk %s: %w", op, h.d.rec.Name, err)
+		return fmt.Errorf("volume: %s disk %s: %w", op, h.name, err)
 	}
 	// Corrupt metadata or a damaged data file: the guest sees EIO.
-	return fmt.Errorf("volume: %s disk %s: %w: %w", op, h.d.rec.Name, syscall.EIO, err)
+	return fmt.Errorf("volume: %s disk %s: %w: %w", op, h.name, syscall.EIO, err)
 }
 
 func (h *Disk) checkWrite(off int64, n int) error {
 	if h.d.readonly {
-		return fmt.Errorf("volume: %s is a snapshot: %w", h.d.rec.Name, syscall.EROFS)
+		return fmt.Errorf("volume: %s is a snapshot: %w", h.name, syscall.EROFS)
 	}
 	if !h.writable {
-		return fmt.Errorf("volume: disk %s is open read-only: %w", h.d.rec.Name, syscall.EBADF)
+		return fmt.Errorf("volume: disk %s is open read-only: %w", h.name, syscall.EBADF)
 	}
 	if off < 0 {
 		return syscall.EINVAL
@@ -230,7 +231,7 @@ func (h *Disk) checkWrite(off int64, n int) error {
 }
 
 func (h *Disk) pastEnd(size int64) error {
-	return fmt.Errorf("volume: write past the end of disk %s (%d bytes; grow it with `encdisk disk resize`): %w", h.d.rec.Name, size, syscall.ENOSPC)
+	return fmt.Errorf("volume: write past the end of disk %s (%d bytes; grow it with `encdisk disk resize`): %w", h.name, size, syscall.ENOSPC)
 }
 
 // WriteAt writes at any offset and length inside the disk; partial sectors

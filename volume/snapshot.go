@@ -452,7 +452,7 @@ func (v *Volume) OpenSnapshot(diskName, snapName, who string) (*Disk, error) {
 			return nil, fmt.Errorf("volume: open snapshot %s: %w", snapName, err)
 		}
 	}
-	h := &Disk{v: v, d: d, tree: snapshots.TreeID(d.rec.Tree), cipher: d.cipher}
+	h := &Disk{v: v, d: d, name: d.rec.Name, tree: snapshots.TreeID(d.rec.Tree), cipher: d.cipher}
 	d.opens[h] = who
 	return h, nil
 }

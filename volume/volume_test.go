@@ -499,6 +499,37 @@ func TestConcurrentIO(t *testing.T) {
 	wg.Wait()
 }
 
+// TestResizeDuringIO: a disk resized (ResizeDisk rewrites its catalogue
+// record) while its data path reports errors, which name the disk. Run
+// with -race: the data path read the record's name without the lock the
+// resize holds.
+func TestResizeDuringIO(t *testing.T) {
+	tv := newTestVol(t, true)
+	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	h, err := tv.v.OpenDisk("d", true, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for range 50 {
+			if _, err := h.WriteAt([]byte("x"), 64<<20); !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "disk d ") {
+				t.Errorf("write past the end: %v, want ENOSPC naming disk d", err)
+				return
+			}
+		}
+	})
+	for i := range 50 {
+		if _, err := tv.v.ResizeDisk("d", int64(2+i)<<20); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wg.Wait()
+}
+
 // TestWriteBehind checks which writes queue writeback, and of what: every
 // run of contiguous pool blocks of a write of at least OpenOptions.
 // WriteBehind bytes, nothing for smaller writes or with the option off.
