@@ -54,8 +54,9 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 // end is partial: it reports its count, and the error comes with the next
 // write, as on a block device. Inside the disk an error fails the whole
 // write, even if part of it went through (the pool's file system filled up
-// halfway): a loop device with direct I/O completes a short write as if it
-// were whole, so a short count there would lose the rest silently.
+// halfway), also when the write crosses the end: a loop device with direct
+// I/O completes a short write as if it were whole, so a short count there
+// would lose the rest silently.
 func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
 	if h.readOnly {
 		return 0, h.m.refuse("write", h.name, syscall.EROFS, "read-only")
@@ -64,7 +65,8 @@ func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, sys
 	if n > 0 {
 		h.dirty.Store(true)
 	}
-	if err != nil && (n == 0 || off+int64(len(data)) <= h.disk.Size()) {
+	// A count is reported only for a write that reached the end.
+	if err != nil && (n == 0 || off+int64(n) < h.disk.Size()) {
 		return 0, h.m.toErrno("write", h.name, err)
 	}
 	return uint32(n), 0

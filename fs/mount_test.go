@@ -565,6 +565,15 @@ func TestWriteFailingHalfway(t *testing.T) {
 	if n != memBlock || err != nil {
 		t.Errorf("write across the end: %d, %v; want %d, nil", n, err, memBlock)
 	}
+	// Across the end, but failing halfway inside the disk: that is an
+	// error inside the disk, not the end of it.
+	st.mu.Lock()
+	st.limited, st.room = true, memBlock
+	st.mu.Unlock()
+	n, err = syscall.Pwrite(int(f.Fd()), make([]byte, 4*memBlock), 1<<20-3*memBlock)
+	if !errors.Is(err, syscall.ENOSPC) {
+		t.Errorf("write across the end failing halfway inside: %d, %v; want ENOSPC", n, err)
+	}
 }
 
 // TestOpenAcrossDetach: an fd held across a detach keeps working, as a file
