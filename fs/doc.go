@@ -57,7 +57,10 @@
 //   - truncate, ftruncate: to a larger size grows the disk (Resize, the
 //     ResizeDisk operation); to the same size succeeds; to a smaller size
 //     fails with EINVAL, as ftruncate of a block device does. That includes
-//     open with O_TRUNC: write images with dd conv=notrunc.
+//     open with O_TRUNC: write images with dd conv=notrunc. A size the Disk
+//     cannot have fails with its error: a volume's disks are whole 4 KiB
+//     sectors, so truncate -s +100 (or a fallocate growing the disk to an
+//     end that is not a multiple of 4096) fails with EINVAL.
 //   - chmod, chown: EPERM. utimes: accepted and ignored.
 //   - create, mknod, mkdir, symlink, link, unlink, rmdir, rename: EPERM at
 //     the root, EROFS under .snapshots, each with a log line. Disks and

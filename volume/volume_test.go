@@ -499,6 +499,32 @@ func TestConcurrentIO(t *testing.T) {
 	wg.Wait()
 }
 
+// TestDiskResizeErrno: growing an open disk (truncate, fallocate through
+// the mount) to a size that is not whole sectors, or shrinking it, fails
+// with EINVAL and leaves the size alone; a whole-sector size grows it.
+func TestDiskResizeErrno(t *testing.T) {
+	tv := newTestVol(t, true)
+	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	h, err := tv.v.OpenDisk("d", true, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	for _, size := range []int64{1<<20 + 100, 1<<20 - SectorSize} {
+		if err := h.Resize(size); !errors.Is(err, syscall.EINVAL) {
+			t.Errorf("Resize(%d) = %v, want EINVAL", size, err)
+		}
+		if h.Size() != 1<<20 {
+			t.Errorf("size after Resize(%d) = %d", size, h.Size())
+		}
+	}
+	if err := h.Resize(2 << 20); err != nil || h.Size() != 2<<20 {
+		t.Errorf("Resize(2 MiB) = %v, size %d", err, h.Size())
+	}
+}
+
 // TestResizeDuringIO: a disk resized (ResizeDisk rewrites its catalogue
 // record) while its data path reports errors, which name the disk. Run
 // with -race: the data path read the record's name without the lock the
