@@ -73,10 +73,12 @@ func dispatchCloud(v *volume.Volume, op string, args json.RawMessage) (res any, 
 }
 
 // DescribeKey tells the volume what a key reference is, for billing (the
-// service key is free) and default encryption.
+// service key is free) and default encryption. The service key, by "" or by
+// its alias, is created if the region has none yet, as GenerateDataKey and
+// Encrypt would: naming it is its first use.
 func (a kmsAdapter) DescribeKey(region, keyRef string) (id, kind string, err error) {
 	var k *keystore.KeyInfo
-	if keyRef == "" {
+	if keyRef == "" || keyRef == keystore.ServiceAlias {
 		k, err = a.ks.ServiceKey(region)
 	} else {
 		k, err = a.ks.DescribeKey(region, keyRef)
