@@ -73,7 +73,7 @@
 //	version           1
 //	id                "key-" + 32 lower-case hex digits; must match the file name
 //	region            ^[a-z0-9-]{2,40}$; must match the directory
-//	description       free text up to 8192 bytes (omitted when empty)
+//	description       free UTF-8 text up to 8192 bytes (omitted when empty)
 //	aliases           up to 16, each ^alias/[a-zA-Z0-9:/_-]{1,250}$, unique in the
 //	                  region; alias/acs/ only on the service key (omitted when none)
 //	origin            "kms" or "external"

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // ServiceAlias is the alias of the service key, the CMK the keystore creates in a region
@@ -109,7 +110,7 @@ func (k *KeyInfo) UnmarshalJSON(b []byte) error {
 // kms with no alias and no automatic rotation.
 type CreateKeyOptions struct {
 	Alias            string        // optional; must start with alias/ and not alias/acs/
-	Description      string        // free text, at most 8192 bytes
+	Description      string        // free text, UTF-8, at most 8192 bytes
 	Origin           Origin        // "" or OriginKMS, or OriginExternal for BYOK
 	RotationInterval time.Duration // 0 (none) or 7 to 730 days; origin kms only
 }
@@ -566,6 +567,11 @@ func (ks *Keystore) CreateKey(region string, o CreateKeyOptions) (*KeyInfo, erro
 		}
 		if len(o.Description) > maxDescription {
 			return fmt.Errorf("description longer than %d bytes: %w", maxDescription, ErrInvalid)
+		}
+		if !utf8.ValidString(o.Description) {
+			// encoding/json would store it altered, and the key file would then
+			// fail its MAC (and every alias lookup in the region with it).
+			return fmt.Errorf("description is not valid UTF-8: %w", ErrInvalid)
 		}
 		if err := checkRotation(o.RotationInterval, o.Origin); err != nil {
 			return err

@@ -361,3 +361,23 @@ func TestKeyInfoJSON(t *testing.T) {
 		t.Fatalf("no rotation, yet %s", b)
 	}
 }
+
+// A description must survive the key file's JSON round trip: encoding/json
+// replaces invalid UTF-8, so such a description would make the file fail its
+// MAC and, with it, every alias lookup in the region.
+func TestDescriptionEncoding(t *testing.T) {
+	ks := newTestKeystore(t)
+	if _, err := ks.CreateKey(region, CreateKeyOptions{Description: "\xb2\xe2\xca\xd4 (GBK)"}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("CreateKey with a description that is not UTF-8: %v, want %v", err, ErrInvalid)
+	}
+	k, err := ks.CreateKey(region, CreateKeyOptions{Description: "测试 <&> \u2028 \ufffd"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, err := ks.DescribeKey(region, k.ID); err != nil || d.Description != k.Description {
+		t.Fatalf("DescribeKey: %+v %v", d, err)
+	}
+	if _, err := ks.ServiceKey(region); err != nil {
+		t.Fatalf("ServiceKey: %v", err)
+	}
+}
