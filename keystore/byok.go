@@ -123,8 +123,8 @@ func (ks *Keystore) ImportParams(region, ref string) (*ImportParameters, error) 
 
 // Import unwraps material (32 bytes, RSAES-OAEP with SHA-256 or SHA-1 under the public
 // key of the ImportParams that gave token) into the BYOK key ref and makes it Enabled.
-// expires is when the material lapses (the key then returns to PendingImport); the zero
-// time means never. The token is used up on success.
+// expires is when the material lapses (the key then returns to PendingImport), at the
+// latest in the year 9999 UTC; the zero time means never. The token is used up on success.
 func (ks *Keystore) Import(region, ref, token string, wrapped []byte, expires time.Time) (*KeyInfo, error) {
 	return ks.update("ImportKeyMaterial", "import material into key", region, ref, func(kf *keyFile) (bool, error) {
 		if err := checkImportable(kf); err != nil {
@@ -141,6 +141,10 @@ func (ks *Keystore) Import(region, ref, token string, wrapped []byte, expires ti
 		}
 		if !expires.IsZero() && !expires.After(now) {
 			return false, fmt.Errorf("material expiry %s is not in the future: %w", expires.Format(time.RFC3339), ErrInvalid)
+		}
+		if !expires.IsZero() && expires.UTC().Year() > 9999 {
+			// RFC 3339 (and so the key file) stops at the end of year 9999 UTC.
+			return false, fmt.Errorf("material expiry %s is after the year 9999 (UTC): %w", expires.Format(time.RFC3339), ErrInvalid)
 		}
 		der, ok := open(ks.sealKey(), im.Nonce, im.PrivateKey, importAAD(kf.Region, kf.ID))
 		if !ok {

@@ -66,6 +66,9 @@ func TestBYOK(t *testing.T) {
 		{"short material", p.Token, wrapMaterial(t, p, sha256.New(), material[:16]), time.Time{}, ErrBadImport},
 		{"not OAEP", p.Token, bytes.Repeat([]byte{1}, 256), time.Time{}, ErrBadImport},
 		{"expiry in the past", p.Token, wrapMaterial(t, p, sha256.New(), material), c.t.Add(-time.Second), ErrInvalid},
+		// RFC 3339 allows 9999-12-31T23:59:59-23:00, which is in year 10000 in UTC:
+		// the key file's JSON cannot hold it.
+		{"expiry after year 9999", p.Token, wrapMaterial(t, p, sha256.New(), material), time.Date(9999, 12, 31, 23, 59, 59, 0, time.FixedZone("", -23*3600)), ErrInvalid},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if _, err := ks.Import(region, k.ID, tc.token, tc.wrapped, tc.expires); !errors.Is(err, tc.want) {
