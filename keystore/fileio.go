@@ -15,8 +15,10 @@ const (
 	fileMode = 0o600
 	dirMode  = 0o700
 	// maxFileSize bounds what is read from disk, so a planted huge file cannot
-	// exhaust memory. Key files are a few KiB.
-	maxFileSize = 1 << 20
+	// exhaust memory. Key files are a few KiB, growing by about 210 bytes a
+	// version: one with maxVersions versions is about 2.2 MiB, and must be
+	// readable (TestMaxVersionsReadable).
+	maxFileSize = 4 << 20
 )
 
 // writeFileAtomic replaces path with data so that a crash leaves either the old or the

@@ -3,7 +3,9 @@ package keystore
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
 )
@@ -218,5 +220,43 @@ func TestAliases(t *testing.T) {
 	}
 	if _, err := ks.RemoveAlias(region, b.ID); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("remove a key id: %v", err)
+	}
+}
+
+// A key may have maxVersions versions (with the longest description, aliases
+// and policy the file allows) and its file must still be readable: each
+// version adds about 210 bytes of JSON.
+func TestMaxVersionsReadable(t *testing.T) {
+	ks := newTestKeystore(t)
+	k := grantedKey(t, ks, CreateKeyOptions{Description: strings.Repeat("\x01", maxDescription)})
+	err := ks.locked(func() error {
+		kf, err := ks.loadKey(region, k.ID)
+		if err != nil {
+			return err
+		}
+		for i := len(kf.Aliases); i < maxAliases; i++ {
+			kf.Aliases = append(kf.Aliases, fmt.Sprintf("alias/%03d%s", i, strings.Repeat("a", 247)))
+		}
+		for i := len(kf.Policy.Principals); i < maxPrincipals; i++ {
+			kf.Policy.Principals = append(kf.Policy.Principals, fmt.Sprintf("p%03d%s", i, strings.Repeat("a", 59)))
+		}
+		m := randomBytes(keySize)
+		defer wipe(m)
+		for len(kf.Versions) < maxVersions-1 {
+			ks.sealVersion(kf, m, ks.nowUTC())
+		}
+		return ks.saveKey(kf)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, err := ks.Rotate(region, k.ID); err != nil || d.Versions != maxVersions {
+		t.Fatalf("Rotate to %d versions: %+v %v", maxVersions, d, err)
+	}
+	if _, _, _, err := ks.GenerateDataKey(region, k.ID, PrincipalECS, 64, nil); err != nil {
+		t.Fatalf("GenerateDataKey with %d versions: %v", maxVersions, err)
+	}
+	if _, err := ks.Rotate(region, k.ID); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("Rotate past %d versions: %v", maxVersions, err)
 	}
 }
