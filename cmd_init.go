@@ -79,11 +79,17 @@ func runInit(c *cli.Context) error {
 
 	created := false
 	if !keystore.Exists(ksDir) {
-		if err := createKeystore(e, ksDir); err != nil {
+		err := createKeystore(e, ksDir)
+		switch {
+		case err == nil:
+			created = true
+		case errors.Is(err, keystore.ErrExists) && keystore.Exists(ksDir):
+			// Another init made it meanwhile: use it, as below.
+		default:
 			return err
 		}
-		created = true
-	} else {
+	}
+	if !created {
 		// The volume will use this keystore: a wrong passphrase is better
 		// told now than at the first encrypted disk.
 		ks, err := e.unlock(ksDir, ksSource)

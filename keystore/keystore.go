@@ -157,6 +157,17 @@ func Create(dir string, secret Secret, p Params) (*Keystore, error) {
 	if err := mkdirDurable(dir); err != nil {
 		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
 	}
+	// Under the lock, so that a Create running in another process is either
+	// done (a keystore exists) or not started (its temporary file is no
+	// reason to call the directory not empty).
+	lk, err := lockDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
+	}
+	defer lk.unlock()
+	if Exists(dir) {
+		return nil, fmt.Errorf("keystore: create %s: a keystore %w there", dir, ErrExists)
+	}
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
@@ -177,11 +188,6 @@ func Create(dir string, secret Secret, p Params) (*Keystore, error) {
 		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
 	}
 
-	lk, err := lockDir(dir)
-	if err != nil {
-		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
-	}
-	defer lk.unlock()
 	if err := createFileAtomic(filepath.Join(dir, rootName), data); err != nil {
 		if errors.Is(err, fs.ErrExist) {
 			return nil, fmt.Errorf("keystore: create %s: a keystore %w there", dir, ErrExists)

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -107,6 +110,83 @@ func TestCreateInExistingDir(t *testing.T) {
 	os.WriteFile(filepath.Join(other, "x"), nil, 0o600)
 	if _, err := Create(other, testPass, TestParams); !errors.Is(err, ErrExists) {
 		t.Fatalf("Create in a non-empty directory: %v", err)
+	}
+}
+
+// Two processes creating one keystore at once (two `encdisk init` with a new
+// default keystore): the one that loses waits for the other and finds a
+// keystore, rather than calling the directory not empty because of the
+// winner's temporary file.
+func TestCreateRace(t *testing.T) {
+	done := t.TempDir()
+	ks, err := Create(done, testPass, TestParams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks.Close()
+	root, err := os.ReadFile(filepath.Join(done, rootName))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// The winner, half-way: it holds the lock and has written its temporary file.
+	dir := t.TempDir()
+	lk, err := lockDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := filepath.Join(dir, ".tmp-"+rootName+"-123")
+	if err := os.WriteFile(tmp, root, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	res := make(chan error, 1)
+	go func() {
+		ks, err := Create(dir, testPass, TestParams)
+		if err == nil {
+			ks.Close()
+		}
+		res <- err
+	}()
+	// Wait until Create has either given up or is waiting for the lock (a
+	// blocked flock shows as "->" in /proc/locks); then the winner finishes
+	// and lets go of the lock.
+	fi, err := os.Stat(filepath.Join(dir, lockName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ino := fmt.Sprintf(":%d ", fi.Sys().(*syscall.Stat_t).Ino)
+	waiting := func() bool {
+		locks, err := os.ReadFile("/proc/locks")
+		if err != nil {
+			t.Skipf("cannot see whether Create waits for the lock: %v", err)
+		}
+		for _, l := range strings.Split(string(locks), "\n") {
+			if strings.Contains(l, "->") && strings.Contains(l+" ", ino) {
+				return true
+			}
+		}
+		return false
+	}
+	returned := false
+	for !returned && !waiting() {
+		select {
+		case err = <-res:
+			returned = true
+		default:
+			runtime.Gosched()
+		}
+	}
+	if !returned {
+		if err := os.Rename(tmp, filepath.Join(dir, rootName)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lk.unlock()
+	if !returned {
+		err = <-res
+	}
+	if !errors.Is(err, ErrExists) || !strings.Contains(err.Error(), "a keystore already exists") {
+		t.Fatalf("Create racing another Create: %v, want 'a keystore already exists'", err)
 	}
 }
 
