@@ -342,6 +342,34 @@ func (l *lazyKMS) close() {
 	}
 }
 
+// checkRootKeyPlace refuses to seal a keystore under a root key file kept
+// inside the keystore directory (whoever copies it would have the secret that
+// unseals it) or inside the volume (SPEC 2: the root secret does not live in
+// the volume). volDir may be "".
+func checkRootKeyPlace(keyFile, ksDir, volDir string) error {
+	keyFile, err := filepath.Abs(keyFile)
+	if err != nil {
+		return err
+	}
+	if ksDir, err = filepath.Abs(ksDir); err != nil {
+		return err
+	}
+	if volDir != "" {
+		if volDir, err = filepath.Abs(volDir); err != nil {
+			return err
+		}
+	}
+	if isInside(keyFile, ksDir) {
+		return withHint(fmt.Errorf("the root key file %s would be inside the keystore %s: whoever copies the keystore would get the secret that unseals it", keyFile, ksDir),
+			"keep the root key file elsewhere, e.g. on removable media or in a secrets manager's mount")
+	}
+	if volDir != "" && isInside(keyFile, volDir) {
+		return withHint(fmt.Errorf("the root key file %s would be inside the volume %s: whoever copies the volume would get the secret of its keys", keyFile, volDir),
+			"keep the root key file outside the volume and the keystore")
+	}
+	return nil
+}
+
 // isInside reports whether path is dir or below it, with symlinks resolved
 // in both (in the part of a path that exists: a file about to be created
 // under a symlinked directory is inside what the symlink points to).

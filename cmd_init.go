@@ -79,6 +79,11 @@ func runInit(c *cli.Context) error {
 
 	created := false
 	if !keystore.Exists(ksDir) {
+		if e.rootKeyFile != "" {
+			if err := checkRootKeyPlace(e.rootKeyFile, ksDir, absVol); err != nil {
+				return err
+			}
+		}
 		err := createKeystore(e, ksDir)
 		switch {
 		case err == nil:

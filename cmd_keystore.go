@@ -73,6 +73,9 @@ func runKeystoreChangeSecret(c *cli.Context) error {
 	// The new secret: like the old one is found, but from the --new-* flags.
 	ne := &env{c: c, cfg: e.cfg, passphraseFile: newPass, rootKeyFile: newKey}
 	if newKey != "" {
+		if err := checkRootKeyPlace(newKey, dir, absVol); err != nil {
+			return err
+		}
 		if _, err := os.Stat(newKey); errors.Is(err, os.ErrNotExist) {
 			if err := keystore.GenerateKeyFile(newKey); err != nil {
 				return err
