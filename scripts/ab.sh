@@ -15,6 +15,9 @@
 #   randread, randwrite   4 KiB at depth 8 in 2 jobs for RT seconds
 #   ext4read   seqread on a 1 GiB file in ext4 on a --direct-io=on loop
 #              device of each disk (the bench's ext4-loop seqread)
+#   ext4write  seqwrite of a new 1 GiB file in that ext4 (the old one
+#              removed first: the bench's ext4-loop seqwrite)
+#   ext4over   seqwrite over the existing 1 GiB file in that ext4
 # RT (environment) defaults to 5. Extra environment reaches the daemon, so
 # a variant switched by an environment variable can be compared with itself.
 # Needs root, fio and FUSE; about 20 s per round and job, 3 GiB in /var/tmp.
@@ -31,8 +34,8 @@ jobs=("$@")
 [ ${#jobs[@]} -gt 0 ] || jobs=(seqwrite seqread)
 RT=${RT:-5}
 for j in "${jobs[@]}"; do
-	case $j in seqwrite | seqwritet | seqwnf | seqread | coldread | randread | randwrite | ext4read) ;;
-	*) echo "ab: unknown job $j (seqwrite seqwritet seqwnf seqread coldread randread randwrite ext4read)" >&2; exit 2 ;;
+	case $j in seqwrite | seqwritet | seqwnf | seqread | coldread | randread | randwrite | ext4read | ext4write | ext4over) ;;
+	*) echo "ab: unknown job $j (seqwrite seqwritet seqwnf seqread coldread randread randwrite ext4read ext4write ext4over)" >&2; exit 2 ;;
 	esac
 done
 
@@ -62,11 +65,11 @@ trap 'exit 143' TERM
 for _ in $(seq 100); do [ -e "$w/mnt/enc" ] && break; sleep 0.1; done
 [ -e "$w/mnt/enc" ] || { echo "ab: the mount did not come up:" >&2; cat "$w/daemon.log" >&2; exit 1; }
 
-if [[ " ${jobs[*]} " == *" ext4read "* ]]; then
+if [[ " ${jobs[*]} " == *" ext4"* ]]; then
 	for d in enc plain; do
 		l=$(losetup --direct-io=on -f --show "$w/mnt/$d")
 		loops+=("$l")
-		mkfs.ext4 -q "$l"
+		mkfs.ext4 -q -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$l" # as the bench: no lazy init running under the jobs
 		mkdir -p "$w/fs-$d"
 		mount "$l" "$w/fs-$d"
 		fio --name=fill --filename="$w/fs-$d/f" --size=1G --direct=1 --ioengine=libaio --rw=write --bs=1M --iodepth=4 --end_fsync=1 --minimal >/dev/null
@@ -75,8 +78,14 @@ fi
 
 run() { # disk job: prints MB/s
 	local a=(--name=ab --filename="$w/mnt/$1" --size=1G --direct=1 --ioengine=libaio --minimal) f
+	case $2 in ext4*) a=(--name=ab --filename="$w/fs-$1/f" --size=1G --direct=1 --ioengine=libaio --minimal) ;; esac
 	case $2 in
-	ext4read) a=(--name=ab --filename="$w/fs-$1/f" --size=1G --direct=1 --ioengine=libaio --minimal --rw=read --bs=1M --iodepth=4 --runtime="$RT" --time_based) f=7 ;;
+	ext4read) a+=(--rw=read --bs=1M --iodepth=4 --runtime="$RT" --time_based) f=7 ;;
+	ext4write)
+		rm -f "$w/fs-$1/f"
+		a+=(--rw=write --bs=1M --iodepth=4 --fallocate=none --end_fsync=1) f=48
+		;;
+	ext4over) a+=(--rw=write --bs=1M --iodepth=4 --fallocate=none --end_fsync=1) f=48 ;;
 	seqwrite) a+=(--rw=write --bs=1M --iodepth=4 --end_fsync=1) f=48 ;;
 	seqwritet) a+=(--rw=write --bs=1M --iodepth=4 --runtime="$RT" --time_based --end_fsync=1) f=48 ;;
 	seqwnf) a+=(--rw=write --bs=1M --iodepth=4 --runtime="$RT" --time_based) f=48 ;;

@@ -26,7 +26,9 @@
 # group commit serves).
 #
 # Each file is first filled once (the "first write" row: new blocks, one
-# sample); the rounds then overwrite and read it. Reads come from the host's
+# sample); the rounds then overwrite and read it, except that on ext4 each
+# seqwrite writes a new file (the old one removed first), which the file
+# system may put on blocks of the disk never written before. Reads come from the host's
 # page cache where the target uses it (encdisk's pool file, gocryptfs's and
 # qemu's backing files), so the figures show the cost of each system's own
 # path, not of the virtual disk under it; raw is direct I/O on the backing
@@ -274,12 +276,28 @@ pratio() {
 		median %.4f | awk '{if ($1=="NA") print "-"; else printf "%.2f\n", $1}'
 }
 
+# guestmem: what this guest does with memory it does not use, which makes
+# the first write of a page-cache page slow (the host faults it in again):
+# free page reporting to the host (virtio-balloon feature bit 5) and DAMON's
+# pageout of idle pages.
+guestmem() {
+	local f s fpr=no damon=off
+	for f in /sys/bus/virtio/drivers/virtio_balloon/virtio*/features; do
+		[ -r "$f" ] && [ "$(cut -c6 "$f")" = 1 ] && fpr=yes
+	done
+	for s in /sys/kernel/mm/damon/admin/kdamonds/*/state; do
+		[ -r "$s" ] && [ "$(cat "$s")" = on ] && damon=on
+	done
+	echo "free page reporting to the host: $fpr; DAMON: $damon"
+}
+
 {
 	echo
 	echo "encdisk benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) vCPUs, Linux $(uname -r)"
 	echo "MB/s: median of $ROUNDS rounds (first write: one run); ratios: median of the ratios within each round"
 	echo "(fio direct=1, libaio; seqwrite 1 MiB QD4 over $SIZE + fsync, seqread 1 MiB QD4 for ${RUNTIME} s, random 4 KiB QD8 x 2 jobs for ${RUNTIME} s;"
 	echo " fsync 4k: random 4 KiB writes, each followed by fsync, 4 psync jobs; DROP_CACHES=$DROP_CACHES)"
+	echo "guest memory: $(guestmem)"
 	echo
 	printf '%-10s %-11s %8s %8s %9s %9s %8s | %9s %9s %9s %9s\n' where job enc plain gocryptfs qemu-luks raw enc/plain enc/gcfs enc/qemu enc/raw
 	for job in fill seqwrite seqread randread randwrite fsyncwrite; do
