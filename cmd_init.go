@@ -90,6 +90,8 @@ func runInit(c *cli.Context) error {
 			created = true
 		case errors.Is(err, keystore.ErrExists) && keystore.Exists(ksDir):
 			// Another init made it meanwhile: use it, as below.
+		case errors.Is(err, keystore.ErrExists):
+			return withHint(err, "the keystore directory (%s, from %s) holds other files: give an empty or new directory, or one that holds a keystore", ksDir, ksSource)
 		default:
 			return err
 		}

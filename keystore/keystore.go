@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -144,8 +145,34 @@ func Probe(dir string) error {
 	return nil
 }
 
+// checkEmpty refuses a directory that holds anything but the lock file and
+// the temporary files of a Create (".tmp-keystore.json-*"); with remove
+// (under the lock, so no Create is running) those are removed.
+func checkEmpty(dir string, remove bool) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("keystore: create %s: %w", dir, err)
+	}
+	for _, e := range ents {
+		name := e.Name()
+		switch {
+		case name == lockName: // left by an earlier Create that failed
+		case strings.HasPrefix(name, ".tmp-"+rootName+"-") && e.Type().IsRegular():
+			if remove {
+				if err := os.Remove(filepath.Join(dir, name)); err != nil {
+					return fmt.Errorf("keystore: create %s: remove what a Create that did not finish left: %w", dir, err)
+				}
+			}
+		default:
+			return fmt.Errorf("keystore: create %s: directory is not empty (%s ...): %w", dir, name, ErrExists)
+		}
+	}
+	return nil
+}
+
 // Create makes a new keystore in dir (created with mode 0700 if missing; an existing
-// directory must be empty) sealed under secret. p is ignored for a key file secret; the
+// directory must be empty, but for what a Create that did not finish left there) sealed
+// under secret. p is ignored for a key file secret; the
 // zero Params mean DefaultParams.
 func Create(dir string, secret Secret, p Params) (*Keystore, error) {
 	if err := secret.check(); err != nil {
@@ -157,9 +184,15 @@ func Create(dir string, secret Secret, p Params) (*Keystore, error) {
 	if err := mkdirDurable(dir); err != nil {
 		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
 	}
-	// Under the lock, so that a Create running in another process is either
-	// done (a keystore exists) or not started (its temporary file is no
-	// reason to call the directory not empty).
+	// Before the lock, so that a directory of other files is left as it
+	// was, without a lock file; a Create running in another process may
+	// have its temporary file there.
+	if err := checkEmpty(dir, false); err != nil {
+		return nil, err
+	}
+	// Under the lock, a Create running in another process is either done (a
+	// keystore exists) or was never finished (its temporary file is left
+	// over from a crash, and removed).
 	lk, err := lockDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
@@ -168,14 +201,8 @@ func Create(dir string, secret Secret, p Params) (*Keystore, error) {
 	if Exists(dir) {
 		return nil, fmt.Errorf("keystore: create %s: a keystore %w there", dir, ErrExists)
 	}
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
-	}
-	for _, e := range ents {
-		if e.Name() != lockName { // left by an earlier Create that failed
-			return nil, fmt.Errorf("keystore: create %s: directory is not empty (%s ...): %w", dir, e.Name(), ErrExists)
-		}
+	if err := checkEmpty(dir, true); err != nil {
+		return nil, err
 	}
 	if err := os.Chmod(dir, dirMode); err != nil {
 		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)

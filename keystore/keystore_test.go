@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -195,6 +196,46 @@ func TestCreateRace(t *testing.T) {
 	if !errors.Is(err, ErrExists) || !strings.Contains(err.Error(), "a keystore already exists") {
 		t.Fatalf("Create racing another Create: %v, want 'a keystore already exists'", err)
 	}
+}
+
+// A directory holding other files is refused and left as it was; what a
+// Create that crashed left (its lock and temporary file) is no reason to
+// refuse, and is cleaned up.
+func TestCreateDirectoryContents(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "notes.txt"), []byte("mine"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Create(dir, testPass, TestParams); !errors.Is(err, ErrExists) || !strings.Contains(err.Error(), "not empty (notes.txt") {
+		t.Fatalf("Create in a directory of other files: %v, want 'not empty (notes.txt ...)'", err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Fatalf("a refused Create left %d entries, want only notes.txt", len(ents))
+	}
+
+	crashed := t.TempDir()
+	lk, err := lockDir(crashed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lk.unlock()
+	tmp := filepath.Join(crashed, ".tmp-"+rootName+"-4242")
+	if err := os.WriteFile(tmp, []byte("half a keystore"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ks, err := Create(crashed, testPass, TestParams)
+	if err != nil {
+		t.Fatalf("Create after a Create that crashed: %v", err)
+	}
+	ks.Close()
+	if _, err := os.Stat(tmp); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the crashed Create's temporary file is still there: %v", err)
+	}
+	ks, err = Open(crashed, testPass)
+	if err != nil {
+		t.Fatalf("Open the keystore made over a crashed Create: %v", err)
+	}
+	ks.Close()
 }
 
 func writeKeyFile(t *testing.T, content []byte) string {
