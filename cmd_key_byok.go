@@ -72,10 +72,10 @@ func runKeyImportParams(c *cli.Context) error {
 		}
 		pub := filepath.Join(out, wrappingKeyFile)
 		tok := filepath.Join(out, importTokenFile)
-		if err := os.WriteFile(pub, []byte(p.PublicKeyPEM), 0o644); err != nil {
+		if err := replaceFile(pub, []byte(p.PublicKeyPEM), 0o644); err != nil {
 			return err
 		}
-		if err := os.WriteFile(tok, []byte(p.Token+"\n"), 0o600); err != nil {
+		if err := replaceFile(tok, []byte(p.Token+"\n"), 0o600); err != nil {
 			return err
 		}
 		if c.Bool("json") {
@@ -85,6 +85,32 @@ func runKeyImportParams(c *cli.Context) error {
 			pub, tok, p.KeyID, p.Expires.Local().Format(time.RFC3339), strings.Join(p.Algorithms, " or "))
 		return nil
 	})
+}
+
+// replaceFile writes data to a new file with mode and renames it over path:
+// a symbolic link planted at path is replaced, not followed, and an
+// existing file's looser mode is not kept (the token must stay private).
+func replaceFile(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(mode)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
 }
 
 func runKeyImport(c *cli.Context) error {
