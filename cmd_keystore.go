@@ -77,6 +77,13 @@ func runKeystoreChangeSecret(c *cli.Context) error {
 			return err
 		}
 		if _, err := os.Stat(newKey); errors.Is(err, os.ErrNotExist) {
+			// The old secret first: a wrong one must not leave a new
+			// key file behind that seals nothing.
+			ks, err := keystore.Open(dir, old)
+			if err != nil {
+				return err
+			}
+			ks.Close()
 			if err := keystore.GenerateKeyFile(newKey); err != nil {
 				return err
 			}
