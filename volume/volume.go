@@ -590,6 +590,11 @@ func (v *Volume) CreateDisk(o CreateDiskOptions) (*DiskInfo, error) {
 	if err := CheckName(o.Name); err != nil {
 		return nil, err
 	}
+	if diskIDRE.MatchString(o.Name) {
+		// Snapshots are found by their disk's name or id: a disk named
+		// like another disk's id would list (and prune) that disk's.
+		return nil, fmt.Errorf("%w %q: a disk name may not have the form of a disk id (d- and 16 hex digits); choose another", ErrBadName, o.Name)
+	}
 	if o.Snapshot != "" && o.Image != "" {
 		return nil, fmt.Errorf("volume: create disk %s: %w: give a snapshot or an image, not both", o.Name, ErrRule)
 	}

@@ -184,6 +184,7 @@ func TestDiskLifecycle(t *testing.T) {
 		{CreateDiskOptions{Name: "..", Size: gib}, ErrBadName},
 		{CreateDiskOptions{Name: "", Size: gib}, ErrBadName},
 		{CreateDiskOptions{Name: strings.Repeat("x", 64), Size: gib}, ErrBadName},
+		{CreateDiskOptions{Name: "d-0123456789abcdef", Size: gib}, ErrBadName},
 		{CreateDiskOptions{Name: "z", Size: 0}, ErrBadSize},
 		{CreateDiskOptions{Name: "z", Size: 1000}, ErrBadSize},
 		{CreateDiskOptions{Name: "z", Size: -4096}, ErrBadSize},
