@@ -2,7 +2,9 @@ package keystore
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
@@ -30,7 +32,15 @@ func (ks *Keystore) audit(a auditEntry) error {
 		return err
 	}
 	line = append(line, '\n')
-	f, err := os.OpenFile(filepath.Join(ks.dir, auditName), os.O_WRONLY|os.O_APPEND|os.O_CREATE, fileMode)
+	path := filepath.Join(ks.dir, auditName)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	created := false
+	if errors.Is(err, fs.ErrNotExist) {
+		// The first record: the log's directory entry must be made
+		// durable too, or a crash could lose the whole file.
+		f, err = os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, fileMode)
+		created = true
+	}
 	if err != nil {
 		return fmt.Errorf("audit log: %w", err)
 	}
@@ -44,6 +54,11 @@ func (ks *Keystore) audit(a auditEntry) error {
 	}
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("audit log: %w", err)
+	}
+	if created {
+		if err := syncDir(ks.dir); err != nil {
+			return fmt.Errorf("audit log: %w", err)
+		}
 	}
 	return nil
 }
