@@ -155,6 +155,9 @@ func (e *env) secret(dir string, confirm bool) (keystore.Secret, error) {
 		if err != nil {
 			return keystore.Secret{}, err
 		}
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o077 != 0 {
+			fmt.Fprintf(os.Stderr, "encdisk: warning: root key file %s is readable by others (mode %04o); chmod 600 it\n", e.rootKeyFile, fi.Mode().Perm())
+		}
 		return keystore.Secret{KeyFile: p}, nil
 	}
 	if e.passphraseFile != "" {
