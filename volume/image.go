@@ -979,7 +979,14 @@ func (v *Volume) ExportImage(name, path string, overwrite bool, xfer Transfer) (
 	}
 	start := time.Now()
 	tmp := path + ".encdisk-partial"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	// A partial file left by a killed export is removed, not written
+	// through: whatever is at that name may be a symbolic link (to the
+	// volume's meta.db, say), which O_TRUNC would follow. O_EXCL creates a
+	// new file and never follows a link.
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fail(err)
+	}
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return fail(err)
 	}
