@@ -619,7 +619,14 @@ func (v *Volume) CopyImage(o CopyImageOptions) (*CopyImageResult, error) {
 		if err != nil {
 			return fail(err)
 		}
-		if h.ID != v.hdr.ID {
+		// The same directory (by another path, a symlink) is this volume.
+		// A copy of the volume's directory has the same id but is another
+		// volume: the image must go there, not here.
+		same, err := sameDir(v.dir, o.To)
+		if err != nil {
+			return fail(err)
+		}
+		if !same {
 			if srec.Encrypted && h.Region != v.hdr.Region {
 				return fail(fmt.Errorf("%w: encrypted images cannot be copied to another region (%s is in %s, %s in %s)", ErrRule, v.dir, v.hdr.Region, o.To, h.Region))
 			}
@@ -804,6 +811,19 @@ func (v *Volume) CopyImage(o CopyImageOptions) (*CopyImageResult, error) {
 		dst.logf("image %s: rolling back the failed copy: %v (the next open will)", o.NewName, rerr)
 	}
 	return fail(err)
+}
+
+// sameDir reports whether directories a and b are the same directory.
+func sameDir(a, b string) (bool, error) {
+	fa, err := os.Stat(a)
+	if err != nil {
+		return false, err
+	}
+	fb, err := os.Stat(b)
+	if err != nil {
+		return false, err
+	}
+	return os.SameFile(fa, fb), nil
 }
 
 func wipeCipher(c *blockcrypt.Cipher) {
