@@ -437,6 +437,9 @@ func runImageExport(c *cli.Context) error {
 			}
 			return withHint(err, "nothing was written to %s", out)
 		}
+		if fi, serr := os.Stat(abs); serr == nil && fi.IsDir() && errKind(err) == "rule" {
+			return withHint(err, "name a file in it, e.g. `--out %s`", filepath.Join(out, name+".raw"))
+		}
 		return imageHint(err, vol)
 	}
 	if c.Bool("json") {

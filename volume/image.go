@@ -988,13 +988,15 @@ func (v *Volume) ExportImage(name, path string, overwrite bool, xfer Transfer) (
 		return nil, fmt.Errorf("volume: export image %s to %s: %w", name, path, err)
 	}
 	if fi, err := os.Lstat(path); err == nil {
-		if !overwrite {
-			return fail(errors.New("the file exists (give --force to overwrite it)"))
-		}
 		// The export is renamed over path: that would replace a device
 		// node, a symlink or a directory entry rather than write into it.
+		// Refused with or without overwrite, so that the refusal without
+		// it does not advise a --force that would be refused too.
 		if !fi.Mode().IsRegular() {
 			return fail(fmt.Errorf("%w: it is %s, not a regular file; --force replaces files only", ErrRule, fileKind(fi.Mode())))
+		}
+		if !overwrite {
+			return fail(errors.New("the file exists (give --force to overwrite it)"))
 		}
 	}
 	start := time.Now()
