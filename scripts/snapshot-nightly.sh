@@ -15,6 +15,7 @@ if [ $# -lt 2 ] || [ $# -gt 3 ]; then
 fi
 vol=$1 disk=$2 keep=${3:-7}
 case $keep in '' | *[!0-9]*) echo "$0: KEEP must be a number, got '$keep'" >&2; exit 2 ;; esac
+keep=$((10#$keep)) # decimal: bash arithmetic would read 010 as octal 8, and refuse 08
 if [ "$keep" -lt 1 ]; then
 	echo "$0: KEEP must be at least 1" >&2
 	exit 2

@@ -292,3 +292,24 @@ func TestCloneDiskFromSnapshot(t *testing.T) {
 	}
 	undo()
 }
+
+// TestNightlyKeepDecimal: KEEP is a decimal number even with a leading zero
+// (as cron entries and zero-padded settings give it): 08 is eight, not an
+// error, and 010 is ten, not octal eight.
+func TestNightlyKeepDecimal(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d1", "--size", "1MiB")
+	for i := 0; i < 12; i++ {
+		e.script("snapshot-nightly.sh", e.vol, "d1", "010")
+	}
+	list := e.run("snapshot", "list", e.vol, "d1")
+	if n := strings.Count(list, "\nnightly-2"); n != 10 {
+		t.Errorf("KEEP=010: %d nightly snapshots kept, want 10:\n%s", n, list)
+	}
+	e.script("snapshot-nightly.sh", e.vol, "d1", "08")
+	list = e.run("snapshot", "list", e.vol, "d1")
+	if n := strings.Count(list, "\nnightly-2"); n != 8 {
+		t.Errorf("KEEP=08: %d nightly snapshots kept, want 8:\n%s", n, list)
+	}
+}
