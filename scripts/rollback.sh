@@ -40,7 +40,10 @@ if [ -n "$loop" ]; then
 		echo "rollback: partitions of $loop are mounted ($parts): unmount them first" >&2
 		exit 1
 	fi
-	targets=$(findmnt -rn -o TARGET --source "$loop" || true)
+	# findmnt -r escapes a space in a path as \x20 (tab, newline and
+	# backslash likewise): decode, or umount and mount get a path that does
+	# not exist.
+	targets=$(findmnt -rn -o TARGET --source "$loop" | while IFS= read -r t; do printf '%b\n' "$t"; done || true)
 	if [ "$(printf '%s' "$targets" | grep -c .)" -gt 1 ]; then
 		echo "rollback: $loop is mounted in more than one place ($(echo $targets)): unmount all but one first" >&2
 		exit 1

@@ -313,3 +313,34 @@ func TestNightlyKeepDecimal(t *testing.T) {
 		t.Errorf("KEEP=08: %d nightly snapshots kept, want 8:\n%s", n, list)
 	}
 }
+
+// TestRollbackMountPathWithSpace: a file system mounted at a path with a
+// space (which findmnt -r prints as \x20) is rolled back and mounted again
+// at that path, not left alone with a silent failure.
+func TestRollbackMountPathWithSpace(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d1", "--size", "64MiB", "--encrypted")
+	e.mount()
+	file := filepath.Join(e.mnt, "d1")
+	sh(t, "mkfs.ext4", "-q", file)
+	fsDir := filepath.Join(e.dir, "my fs")
+	cleanupLoopMounts(t, fsDir)
+	loopMount(t, file, fsDir)
+	sh(t, "sync", "-f", fsDir)
+	e.run("snapshot", "create", e.vol, "d1", "s1")
+	after := filepath.Join(fsDir, "after.bin")
+	os.WriteFile(after, []byte("after the snapshot\n"), 0o600)
+	sh(t, "sync", "-f", fsDir)
+
+	out := e.script("rollback.sh", e.vol, "d1", "s1", e.mnt)
+	if !strings.Contains(out, fsDir+" mounted again") {
+		t.Errorf("rollback.sh said:\n%s", out)
+	}
+	if exec.Command("mountpoint", "-q", fsDir).Run() != nil {
+		t.Fatalf("%s is not mounted after the rollback:\n%s", fsDir, out)
+	}
+	if _, err := os.Stat(after); !os.IsNotExist(err) {
+		t.Errorf("after rollback a file written after the snapshot is still there: %v", err)
+	}
+}
