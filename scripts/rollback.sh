@@ -77,7 +77,10 @@ fi
 # loop device if it is still there (still held: only its detach was
 # scheduled), so that no file system is ever live on two devices.
 putBack() {
-	if losetup "$loop" >/dev/null 2>&1 && losetup -n -O BACK-FILE "$loop" | grep -qF "$disk"; then
+	# The old device only if it is backed by this very file: another file
+	# may have taken the freed device meanwhile (even one whose name
+	# contains the disk's).
+	if losetup "$loop" >/dev/null 2>&1 && [ "$(losetup -n -O BACK-FILE "$loop" 2>/dev/null)" = "$(realpath -m "$mp/$disk")" ]; then
 		newloop=$loop
 	else
 		newloop=$(losetup "${attach[@]}" -f --show "$mp/$disk")

@@ -344,3 +344,66 @@ func TestRollbackMountPathWithSpace(t *testing.T) {
 		t.Errorf("after rollback a file written after the snapshot is still there: %v", err)
 	}
 }
+
+// TestRollbackOtherFileOnOldLoopDevice: when, during the reset, the freed
+// loop device is taken by another file whose name contains the disk's name
+// (d1-other.img for disk d1), rollback.sh attaches the disk anew instead of
+// mounting that other file's file system where the disk's was.
+func TestRollbackOtherFileOnOldLoopDevice(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d1", "--size", "64MiB", "--encrypted")
+	e.mount()
+	file := filepath.Join(e.mnt, "d1")
+	sh(t, "mkfs.ext4", "-q", file)
+	fsDir := filepath.Join(e.dir, "fs")
+	os.MkdirAll(fsDir, 0o700)
+	dev := sh(t, "losetup", "-f", "--show", file)
+	sh(t, "mount", dev, fsDir)
+	// Whatever device the rollback leaves the disk on is detached at the
+	// end, before the volume is unmounted (cleanups run last first).
+	defer t.Cleanup(func() {
+		exec.Command("umount", fsDir).Run()
+		for _, d := range strings.Fields(sh(t, "losetup", "-n", "-O", "NAME", "-j", file)) {
+			exec.Command("losetup", "-d", d).Run()
+		}
+	})
+	sh(t, "sync", "-f", fsDir)
+	e.run("snapshot", "create", e.vol, "d1", "s1")
+
+	// The other file: a file system of its own, with a marker.
+	other := filepath.Join(e.dir, "d1-other.img")
+	sh(t, "truncate", "-s", "16MiB", other)
+	sh(t, "mkfs.ext4", "-q", other)
+	otherDir := filepath.Join(e.dir, "other")
+	undo := loopMount(t, other, otherDir)
+	os.WriteFile(filepath.Join(otherDir, "OTHER"), []byte("not the disk\n"), 0o600)
+	undo()
+	t.Cleanup(func() {
+		if d := strings.TrimSpace(sh(t, "losetup", "-n", "-O", "NAME", "-j", other)); d != "" {
+			exec.Command("losetup", "-d", d).Run()
+		}
+	})
+
+	// ENCDISK that attaches the other file to the freed loop device just
+	// before the reset, as another program might.
+	wrap := filepath.Join(e.dir, "encdisk-wrap")
+	os.WriteFile(wrap, []byte("#!/bin/sh\n"+
+		"if [ \"$1 $2\" = \"disk reset\" ]; then losetup "+dev+" "+other+" || exit 99; fi\n"+
+		"exec "+binary+" \"$@\"\n"), 0o755)
+	_, src, _, _ := runtime.Caller(0)
+	c := e.cmd()
+	c.Path, c.Args = "/bin/bash", []string{"bash", filepath.Join(filepath.Dir(src), "..", "..", "scripts", "rollback.sh"), e.vol, "d1", "s1", e.mnt}
+	c.Env = append(c.Env, "ENCDISK="+wrap)
+	out, err := c.CombinedOutput()
+	if err != nil {
+		t.Fatalf("rollback.sh: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(filepath.Join(fsDir, "OTHER")); err == nil {
+		t.Fatalf("rollback.sh mounted the other file's file system at %s:\n%s", fsDir, out)
+	}
+	srcDev := strings.TrimSpace(sh(t, "findmnt", "-n", "-o", "SOURCE", "--target", fsDir))
+	if back := strings.TrimSpace(sh(t, "losetup", "-n", "-O", "BACK-FILE", srcDev)); back != file {
+		t.Errorf("%s is mounted from %s backed by %s, want %s:\n%s", fsDir, srcDev, back, file, out)
+	}
+}
