@@ -390,6 +390,10 @@ func runImageCopy(c *cli.Context) error {
 		if errKind(err) == "locked" && o.To != "" {
 			return withHint(err, "image copy --to opens %s itself; unmount it (`encdisk umount MOUNTPOINT`) and copy again", c.String("to"))
 		}
+		if o.To != "" && strings.Contains(err.Error(), "volume: "+o.To+":") {
+			// About VOL2, not VOL: the hints must name it.
+			return volError(err, c.String("to"))
+		}
 		return imageHint(err, vol)
 	}
 	if c.Bool("json") {
