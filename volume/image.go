@@ -1009,6 +1009,10 @@ func (v *Volume) ExportImage(name, path string, overwrite bool, xfer Transfer) (
 		return fail(err)
 	}
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if errors.Is(err, os.ErrNotExist) {
+		// Not the partial file's name, which the user never gave.
+		return fail(fmt.Errorf("the directory %s does not exist", filepath.Dir(path)))
+	}
 	if err != nil {
 		return fail(err)
 	}
