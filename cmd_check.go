@@ -106,7 +106,7 @@ func checkVolume(abs string, repair bool) (*checkResult, error) {
 			return &checkResult{CheckReport: rep, Mounted: true}, nil
 		}
 		if !errors.Is(err, control.ErrNoDaemon) {
-			return nil, err
+			return nil, fromDaemon(err)
 		}
 		res, err := checkDirect(abs, repair)
 		if !errors.Is(err, volume.ErrLocked) || attempt >= 15 {

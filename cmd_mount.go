@@ -338,7 +338,7 @@ func spawnDaemon(c *cli.Context, a mountArgs, sec *daemonSecret) error {
 	}
 	werr := cmd.Wait()
 	if rerr == nil && r.Error != "" {
-		return &control.Error{Message: r.Error, Hint: r.Hint, Kind: r.Kind, Code: exitError}
+		return volError(fromDaemon(&control.Error{Message: r.Error, Hint: r.Hint, Kind: r.Kind, Code: exitError}), a.vol)
 	}
 	return withHint(fmt.Errorf("the mount daemon exited before the mount was ready (%v)", werr),
 		"see %s:%s", logPath, tail(logPath, 5))
@@ -828,7 +828,7 @@ func runUmount(c *cli.Context) error {
 			fmt.Fprintf(c.App.Writer, "unmounted %s (volume %s)\n", mp, got.Volume)
 			return nil
 		case !errors.Is(err, control.ErrNoDaemon):
-			return err
+			return fromDaemon(err)
 		}
 	}
 	// No daemon answers for this mount point: unmount directly; if a

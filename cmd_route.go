@@ -210,7 +210,7 @@ func volumeCall(c *cli.Context, dir, op string, args, result any) error {
 			return volError(fmt.Errorf("%w (the mount daemon stopped the operation)", volume.ErrCanceled), dir)
 		}
 		if !errors.Is(err, control.ErrNoDaemon) {
-			return volError(err, dir)
+			return volError(fromDaemon(err), dir)
 		}
 		err = directCall(e, abs, op, args, result)
 		if !errors.Is(err, volume.ErrLocked) {
@@ -324,6 +324,32 @@ var errorKinds = []struct {
 	{keystore.ErrPendingDeletion, "key_pending_deletion"},
 	{keystore.ErrPendingImport, "key_pending_import"},
 	{keystore.ErrServiceKey, "service_key"},
+}
+
+// daemonError is an error the mount daemon reported. It is (errors.Is) the
+// sentinel its kind names, so that a command reacts to an error met through
+// the daemon as to the same error met directly (its hints, its retries).
+type daemonError struct{ ce *control.Error }
+
+func (e *daemonError) Error() string { return e.ce.Message }
+func (e *daemonError) Unwrap() error { return e.ce }
+
+func (e *daemonError) Is(target error) bool {
+	for _, k := range errorKinds {
+		if k.kind == e.ce.Kind && k.err == target {
+			return true
+		}
+	}
+	return false
+}
+
+// fromDaemon makes a *control.Error a daemonError; other errors (nil too)
+// are returned as they are.
+func fromDaemon(err error) error {
+	if ce, ok := err.(*control.Error); ok {
+		return &daemonError{ce}
+	}
+	return err
 }
 
 func errKind(err error) string {

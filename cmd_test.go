@@ -109,9 +109,14 @@ func TestErrorKindsRoundTrip(t *testing.T) {
 	for _, k := range errorKinds {
 		direct := volError(fmt.Errorf("op: %w", k.err), "myvol")
 		resp := control.ErrorResponse(toControlError(fmt.Errorf("op: %w", k.err)))
-		remote := volError(&control.Error{Message: resp.Error, Hint: resp.Hint, Code: resp.Code, Kind: resp.Kind}, "myvol")
+		remote := volError(fromDaemon(&control.Error{Message: resp.Error, Hint: resp.Hint, Code: resp.Code, Kind: resp.Kind}), "myvol")
 		if errKind(direct) != k.kind || errKind(remote) != k.kind {
 			t.Errorf("%v: kinds %q / %q, want %q", k.err, errKind(direct), errKind(remote), k.kind)
+		}
+		// Commands test errors with errors.Is (disk attach words its own
+		// hint for ErrAttached): the daemon's must match as well.
+		if !errors.Is(remote, k.err) {
+			t.Errorf("%v: the daemon's error is not errors.Is its sentinel", k.err)
 		}
 		if hd, hr := hintFor(direct), hintFor(remote); hd != hr {
 			t.Errorf("%v: hints differ:\n direct %q\n remote %q", k.err, hd, hr)
