@@ -210,7 +210,11 @@ func checkMount(a mountArgs) error {
 	if fi, err := os.Stat(a.absMP); err == nil && !fi.IsDir() {
 		return fmt.Errorf("mount point %s is not a directory", a.mp)
 	}
-	if mountTypeAt(a.absMP) != "" {
+	if typ := mountTypeAt(a.absMP); typ != "" {
+		if typ == "fuse.encdisk" && daemonGone(a.absMP) {
+			return withHint(fmt.Errorf("%s is still mounted, but its encdisk daemon is gone (killed?): the mount is dead, and its disks cannot be read or written", a.mp),
+				"clean it up with `encdisk umount %s`, then mount again", a.mp)
+		}
 		return withHint(fmt.Errorf("%s is already a mount point", a.mp), "choose another directory, or unmount it first (`encdisk umount %s`)", a.mp)
 	}
 	if isInside(a.absMP, a.absVol) {
@@ -794,6 +798,15 @@ func unescapeMountinfo(s string) string {
 		b.WriteByte(s[i])
 	}
 	return b.String()
+}
+
+// daemonGone reports whether the encdisk mount at absMP is known to have
+// lost its daemon: its runtime record names a process that no longer runs
+// (a daemon killed with -9 leaves its mount and record behind). Without a
+// record it cannot tell, and says no.
+func daemonGone(absMP string) bool {
+	st, err := readRecord(absMP)
+	return err == nil && !processAlive(st.PID)
 }
 
 func processAlive(pid int) bool {
