@@ -32,7 +32,7 @@ func diskCommand() *cli.Command {
 				Usage:     "create a disk (attached unless --detached)",
 				ArgsUsage: "VOL NAME",
 				Flags: []cli.Flag{
-					&cli.StringFlag{Name: "size", Usage: "disk `SIZE`, e.g. 20GiB, 512MiB, 1TB (a multiple of 4 KiB; default with --snapshot/--image: the source's size)"},
+					&cli.StringFlag{Name: "size", Usage: "disk `SIZE`, e.g. 20GiB, 512MiB, 1TB (rounded up to a multiple of 4 KiB; default with --snapshot/--image: the source's size)"},
 					&cli.StringFlag{Name: "category", Usage: "`CATEGORY`: cloud_essd, cloud_ssd, cloud_efficiency, cloud or local (default: config's [defaults] category, else cloud_essd)"},
 					&cli.BoolFlag{Name: "system", Usage: "a system disk (default: a data disk)"},
 					&cli.BoolFlag{Name: "encrypted", Usage: "encrypt the disk (with the region's service key alias/acs/ecs, or the default-encryption key, unless --kms-key-id); --encrypted=false asks for an unencrypted disk, refused while default encryption is on"},

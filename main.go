@@ -41,7 +41,8 @@ ENVIRONMENT:
    ENCDISK_CONFIG            config file (after --config; default
                              $HOME/.encdisk/config.toml, then /etc/encdisk/config.toml)
    ENCDISK_RUNTIME_DIR       where mount daemons record their mount points
-                             (default /run/encdisk as root, else $XDG_RUNTIME_DIR/encdisk)
+                             (default /run/encdisk as root, else $XDG_RUNTIME_DIR/encdisk,
+                             else $TMPDIR/encdisk-UID)
 `
 
 func main() {
