@@ -120,16 +120,7 @@ func TestCreateInExistingDir(t *testing.T) {
 // keystore, rather than calling the directory not empty because of the
 // winner's temporary file.
 func TestCreateRace(t *testing.T) {
-	done := t.TempDir()
-	ks, err := Create(done, testPass, TestParams)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ks.Close()
-	root, err := os.ReadFile(filepath.Join(done, rootName))
-	if err != nil {
-		t.Fatal(err)
-	}
+	root := seedRootFiles(t)[0] // a finished keystore.json, sealed under testPass
 
 	// The winner, half-way: it holds the lock and has written its temporary file.
 	dir := t.TempDir()

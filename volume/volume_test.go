@@ -131,6 +131,20 @@ func (tv *testVol) open(daemon bool) {
 	tv.v = v
 }
 
+// newDisk creates a disk and opens it writable, until the test ends.
+func (tv *testVol) newDisk(o CreateDiskOptions) *Disk {
+	tv.t.Helper()
+	if _, err := tv.v.CreateDisk(o); err != nil {
+		tv.t.Fatal(err)
+	}
+	h, err := tv.v.OpenDisk(o.Name, true, "test")
+	if err != nil {
+		tv.t.Fatal(err)
+	}
+	tv.t.Cleanup(func() { h.Close() })
+	return h
+}
+
 func (tv *testVol) reopen(daemon bool) {
 	tv.t.Helper()
 	if err := tv.v.Close(); err != nil {
@@ -379,11 +393,7 @@ func evictPool(t *testing.T, tv *testVol) {
 
 func TestDiscardSeekAllocated(t *testing.T) {
 	tv := newTestVol(t, true)
-	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 64 << 20, Encrypted: true}); err != nil {
-		t.Fatal(err)
-	}
-	h, _ := tv.v.OpenDisk("d", true, "test")
-	defer h.Close()
+	h := tv.newDisk(CreateDiskOptions{Name: "d", Size: 64 << 20, Encrypted: true})
 	if h.Allocated() != 0 {
 		t.Fatalf("new disk allocates %d", h.Allocated())
 	}
@@ -457,11 +467,7 @@ func TestNoPlaintextOnDisk(t *testing.T) {
 
 func TestConcurrentIO(t *testing.T) {
 	tv := newTestVol(t, true)
-	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 32 << 20, Encrypted: true}); err != nil {
-		t.Fatal(err)
-	}
-	h, _ := tv.v.OpenDisk("d", true, "test")
-	defer h.Close()
+	h := tv.newDisk(CreateDiskOptions{Name: "d", Size: 32 << 20, Encrypted: true})
 	var wg sync.WaitGroup
 	for g := 0; g < 4; g++ {
 		wg.Add(1)
@@ -505,14 +511,7 @@ func TestConcurrentIO(t *testing.T) {
 // with EINVAL and leaves the size alone; a whole-sector size grows it.
 func TestDiskResizeErrno(t *testing.T) {
 	tv := newTestVol(t, true)
-	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	h, err := tv.v.OpenDisk("d", true, "test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := tv.newDisk(CreateDiskOptions{Name: "d", Size: 1 << 20})
 	for _, size := range []int64{1<<20 + 100, 1<<20 - SectorSize} {
 		if err := h.Resize(size); !errors.Is(err, syscall.EINVAL) {
 			t.Errorf("Resize(%d) = %v, want EINVAL", size, err)
@@ -532,14 +531,7 @@ func TestDiskResizeErrno(t *testing.T) {
 // resize holds.
 func TestResizeDuringIO(t *testing.T) {
 	tv := newTestVol(t, true)
-	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	h, err := tv.v.OpenDisk("d", true, "test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := tv.newDisk(CreateDiskOptions{Name: "d", Size: 1 << 20})
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		for range 50 {

@@ -13,7 +13,13 @@ import (
 // pointing at the built binary.
 func (e *env) script(name string, args ...string) string {
 	e.t.Helper()
-	out, err := e.runScript(name, args...)
+	return e.scriptWith(nil, name, args...)
+}
+
+// scriptWith is script with more environment (which wins over the test's).
+func (e *env) scriptWith(env []string, name string, args ...string) string {
+	e.t.Helper()
+	out, err := e.runScript(env, name, args...)
 	if err != nil {
 		e.t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
@@ -23,19 +29,19 @@ func (e *env) script(name string, args ...string) string {
 // scriptFails runs a script that must fail, and returns what it said.
 func (e *env) scriptFails(name string, args ...string) string {
 	e.t.Helper()
-	out, err := e.runScript(name, args...)
+	out, err := e.runScript(nil, name, args...)
 	if err == nil {
 		e.t.Fatalf("%s %s succeeded, want a refusal:\n%s", name, strings.Join(args, " "), out)
 	}
 	return out
 }
 
-func (e *env) runScript(name string, args ...string) (string, error) {
+func (e *env) runScript(env []string, name string, args ...string) (string, error) {
 	_, file, _, _ := runtime.Caller(0)
 	path := filepath.Join(filepath.Dir(file), "..", "..", "scripts", name)
 	c := e.cmd()
 	c.Path, c.Args = "/bin/bash", append([]string{"bash", path}, args...)
-	c.Env = append(c.Env, "ENCDISK="+binary)
+	c.Env = append(append(c.Env, "ENCDISK="+binary), env...)
 	out, err := c.CombinedOutput()
 	return string(out), err
 }
@@ -111,13 +117,7 @@ func TestSnapshotRollbackExt4(t *testing.T) {
 	}
 
 	// Roll back while mounted: the script takes the file system down and up.
-	out := e.script("rollback.sh", e.vol, "data1", snap, e.mnt)
-	if !strings.Contains(out, "mounted again") {
-		t.Errorf("rollback.sh said:\n%s", out)
-	}
-	if _, err := os.Stat(after); !os.IsNotExist(err) {
-		t.Errorf("after rollback a file written after the snapshot is still there: %v", err)
-	}
+	e.rollBack("data1", snap, after)
 	checkFiles(t, fsDir, before)
 	// e2fsck on the rolled-back disk once the file system is down again.
 	dev := strings.Fields(sh(t, "findmnt", "-n", "-o", "SOURCE", "--target", fsDir))[0]
@@ -144,6 +144,36 @@ func TestSnapshotRollbackExt4(t *testing.T) {
 			t.Errorf("the snapshot %s was deleted:\n%s", name, list)
 		}
 	}
+}
+
+// writeAfterSnapshot syncs the file system on fsDir, snapshots disk as
+// snap, and writes after.bin past the snapshot (synced too): rolling back
+// to snap must take it away. It returns after.bin's path.
+func (e *env) writeAfterSnapshot(fsDir, disk, snap string) string {
+	e.t.Helper()
+	sh(e.t, "sync", "-f", fsDir)
+	e.run("snapshot", "create", e.vol, disk, snap)
+	after := filepath.Join(fsDir, "after.bin")
+	if err := os.WriteFile(after, []byte("after the snapshot\n"), 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+	sh(e.t, "sync", "-f", fsDir)
+	return after
+}
+
+// rollBack runs rollback.sh of disk to snap, which must mount the file
+// system again without after (written past the snapshot); it returns what
+// the script said.
+func (e *env) rollBack(disk, snap, after string) string {
+	e.t.Helper()
+	out := e.script("rollback.sh", e.vol, disk, snap, e.mnt)
+	if !strings.Contains(out, "mounted again") {
+		e.t.Errorf("rollback.sh said:\n%s", out)
+	}
+	if _, err := os.Stat(after); !os.IsNotExist(err) {
+		e.t.Errorf("after rollback a file written after the snapshot is still there: %v", err)
+	}
+	return out
 }
 
 // cleanupLoopMounts unmounts, when the test ends, whatever is still mounted
@@ -180,11 +210,7 @@ func TestRollbackKeepsLoopSetup(t *testing.T) {
 	sh(t, "mkfs.ext4", "-q", dev)
 	sh(t, "mount", dev, fsDir)
 	before := writeRandomFiles(t, fsDir, 2, 1<<20)
-	sh(t, "sync", "-f", fsDir)
-	e.run("snapshot", "create", e.vol, "p1", "ps1")
-	after := filepath.Join(fsDir, "after.bin")
-	os.WriteFile(after, []byte("after the snapshot\n"), 0o600)
-	sh(t, "sync", "-f", fsDir)
+	after := e.writeAfterSnapshot(fsDir, "p1", "ps1")
 	loopOf := func() (string, string) {
 		src := strings.TrimSpace(sh(t, "findmnt", "-n", "-o", "SOURCE", "--target", fsDir))
 		return src, strings.Join(strings.Fields(sh(t, "losetup", "-n", "-O", "OFFSET,DIO", src)), " ")
@@ -208,15 +234,9 @@ func TestRollbackKeepsLoopSetup(t *testing.T) {
 	}
 
 	// Now it goes through, at the same offset.
-	out = e.script("rollback.sh", e.vol, "p1", "ps1", e.mnt)
-	if !strings.Contains(out, "mounted again") {
-		t.Errorf("rollback.sh said:\n%s", out)
-	}
+	e.rollBack("p1", "ps1", after)
 	if _, setup := loopOf(); setup != "1048576 1" {
 		t.Errorf("after rollback the loop device is %q, want offset 1048576 with direct I/O", setup)
-	}
-	if _, err := os.Stat(after); !os.IsNotExist(err) {
-		t.Errorf("after rollback a file written after the snapshot is still there: %v", err)
 	}
 	checkFiles(t, fsDir, before)
 }
@@ -236,11 +256,7 @@ func TestRollbackMountVariants(t *testing.T) {
 	os.MkdirAll(bind, 0o700)
 	cleanupLoopMounts(t, bind, fsDir)
 	sh(t, "mount", "-o", "loop", file, fsDir)
-	sh(t, "sync", "-f", fsDir)
-	e.run("snapshot", "create", e.vol, "d1", "s1")
-	after := filepath.Join(fsDir, "after.bin")
-	os.WriteFile(after, []byte("after the snapshot\n"), 0o600)
-	sh(t, "sync", "-f", fsDir)
+	after := e.writeAfterSnapshot(fsDir, "d1", "s1")
 
 	// Mounted twice: refused, nothing taken down.
 	sh(t, "mount", "--bind", fsDir, bind)
@@ -254,13 +270,7 @@ func TestRollbackMountVariants(t *testing.T) {
 
 	// mount -o loop: the loop device goes with the unmount; the rollback
 	// goes through and mounts it again.
-	out := e.script("rollback.sh", e.vol, "d1", "s1", e.mnt)
-	if !strings.Contains(out, "mounted again") {
-		t.Errorf("rollback.sh said:\n%s", out)
-	}
-	if _, err := os.Stat(after); !os.IsNotExist(err) {
-		t.Errorf("after rollback a file written after the snapshot is still there: %v", err)
-	}
+	e.rollBack("d1", "s1", after)
 }
 
 // TestCloneDiskFromSnapshot: a disk made from a snapshot while mounted
@@ -327,21 +337,14 @@ func TestRollbackMountPathWithSpace(t *testing.T) {
 	fsDir := filepath.Join(e.dir, "my fs")
 	cleanupLoopMounts(t, fsDir)
 	loopMount(t, file, fsDir)
-	sh(t, "sync", "-f", fsDir)
-	e.run("snapshot", "create", e.vol, "d1", "s1")
-	after := filepath.Join(fsDir, "after.bin")
-	os.WriteFile(after, []byte("after the snapshot\n"), 0o600)
-	sh(t, "sync", "-f", fsDir)
+	after := e.writeAfterSnapshot(fsDir, "d1", "s1")
 
-	out := e.script("rollback.sh", e.vol, "d1", "s1", e.mnt)
+	out := e.rollBack("d1", "s1", after)
 	if !strings.Contains(out, fsDir+" mounted again") {
-		t.Errorf("rollback.sh said:\n%s", out)
+		t.Errorf("rollback.sh did not name %s:\n%s", fsDir, out)
 	}
 	if exec.Command("mountpoint", "-q", fsDir).Run() != nil {
 		t.Fatalf("%s is not mounted after the rollback:\n%s", fsDir, out)
-	}
-	if _, err := os.Stat(after); !os.IsNotExist(err) {
-		t.Errorf("after rollback a file written after the snapshot is still there: %v", err)
 	}
 }
 
@@ -391,14 +394,7 @@ func TestRollbackOtherFileOnOldLoopDevice(t *testing.T) {
 	os.WriteFile(wrap, []byte("#!/bin/sh\n"+
 		"if [ \"$1 $2\" = \"disk reset\" ]; then losetup "+dev+" "+other+" || exit 99; fi\n"+
 		"exec "+binary+" \"$@\"\n"), 0o755)
-	_, src, _, _ := runtime.Caller(0)
-	c := e.cmd()
-	c.Path, c.Args = "/bin/bash", []string{"bash", filepath.Join(filepath.Dir(src), "..", "..", "scripts", "rollback.sh"), e.vol, "d1", "s1", e.mnt}
-	c.Env = append(c.Env, "ENCDISK="+wrap)
-	out, err := c.CombinedOutput()
-	if err != nil {
-		t.Fatalf("rollback.sh: %v\n%s", err, out)
-	}
+	out := e.scriptWith([]string{"ENCDISK=" + wrap}, "rollback.sh", e.vol, "d1", "s1", e.mnt)
 	if _, err := os.Stat(filepath.Join(fsDir, "OTHER")); err == nil {
 		t.Fatalf("rollback.sh mounted the other file's file system at %s:\n%s", fsDir, out)
 	}
