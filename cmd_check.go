@@ -101,12 +101,12 @@ func checkVolume(abs string, repair bool) (*checkResult, error) {
 	args := checkArgs{Repair: repair}
 	for attempt := 0; ; attempt++ {
 		var rep volume.CheckReport
-		err := control.Call(socketAddr(sock), opVolumeCheck, args, &rep, callTimeout)
+		err := callDaemon(socketAddr(sock), opVolumeCheck, args, &rep, callTimeout, nil)
 		if err == nil {
 			return &checkResult{CheckReport: rep, Mounted: true}, nil
 		}
 		if !errors.Is(err, control.ErrNoDaemon) {
-			return nil, fromDaemon(err)
+			return nil, err
 		}
 		res, err := checkDirect(abs, repair)
 		if !errors.Is(err, volume.ErrLocked) || attempt >= 15 {

@@ -373,6 +373,11 @@ func runImageCopy(c *cli.Context) error {
 			return err
 		}
 		o.To = abs
+		// VOL2's header first, so that an error about VOL2 (not a volume,
+		// damaged, newer) gets its hint for VOL2, not for VOL.
+		if _, err := volume.ReadInfo(abs); err != nil {
+			return volError(err, to)
+		}
 	}
 	var res volume.CopyImageResult
 	err := withTransfer(c, "copying image "+o.Name, func() error {
@@ -389,10 +394,6 @@ func runImageCopy(c *cli.Context) error {
 		}
 		if errKind(err) == "locked" && o.To != "" {
 			return withHint(err, "image copy --to opens %s itself; unmount it (`encdisk umount MOUNTPOINT`) and copy again", c.String("to"))
-		}
-		if o.To != "" && strings.Contains(err.Error(), "volume: "+o.To+":") {
-			// About VOL2, not VOL: the hints must name it.
-			return volError(err, c.String("to"))
 		}
 		return imageHint(err, vol)
 	}

@@ -87,32 +87,6 @@ func runKeyImportParams(c *cli.Context) error {
 	})
 }
 
-// replaceFile writes data to a new file with mode and renames it over path:
-// a symbolic link planted at path is replaced, not followed, and an
-// existing file's looser mode is not kept (the token must stay private).
-func replaceFile(path string, data []byte, mode os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Chmod(mode)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
-}
-
 func runKeyImport(c *cli.Context) error {
 	if err := needArgs(c, "KEY"); err != nil {
 		return err

@@ -698,11 +698,7 @@ func writeRecord(st daemonStatus) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	tmp := p + ".tmp" + strconv.Itoa(os.Getpid())
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return "", err
-	}
-	return p, os.Rename(tmp, p)
+	return p, replaceFile(p, b, 0o600)
 }
 
 func readRecord(absMP string) (*daemonStatus, error) {
@@ -720,7 +716,7 @@ func readRecord(absMP string) (*daemonStatus, error) {
 // daemonStatusOf asks the volume's daemon who it is.
 func daemonStatusOf(absVol string) (*daemonStatus, error) {
 	var st daemonStatus
-	if err := control.Call(socketAddr(volume.SocketPath(absVol)), opDaemonStatus, nil, &st, 5*time.Second); err != nil {
+	if err := callDaemon(socketAddr(volume.SocketPath(absVol)), opDaemonStatus, nil, &st, 5*time.Second, nil); err != nil {
 		return nil, err
 	}
 	return &st, nil
@@ -828,7 +824,7 @@ func runUmount(c *cli.Context) error {
 	}
 	if st, err := readRecord(absMP); err == nil && processAlive(st.PID) {
 		var got daemonStatus
-		err := control.Call(socketAddr(volume.SocketPath(st.Volume)), opDaemonUmount, nil, &got, 2*time.Minute)
+		err := callDaemon(socketAddr(volume.SocketPath(st.Volume)), opDaemonUmount, nil, &got, 2*time.Minute, nil)
 		switch {
 		case err == nil:
 			if got.PID == 0 {
@@ -841,7 +837,7 @@ func runUmount(c *cli.Context) error {
 			fmt.Fprintf(c.App.Writer, "unmounted %s (volume %s)\n", mp, got.Volume)
 			return nil
 		case !errors.Is(err, control.ErrNoDaemon):
-			return fromDaemon(err)
+			return err
 		}
 	}
 	// No daemon answers for this mount point: unmount directly; if a

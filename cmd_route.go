@@ -196,21 +196,16 @@ func volumeCall(c *cli.Context, dir, op string, args, result any) error {
 	sock := socketAddr(volume.SocketPath(abs))
 	cancel := currentImageTransfer().Cancel
 	for attempt := 0; ; attempt++ {
-		var err error
-		if cancel != nil {
-			err = control.CallCancel(sock, op, args, result, opTimeout(op), cancel)
-		} else {
-			err = control.Call(sock, op, args, result, opTimeout(op))
-		}
+		err := callDaemon(sock, op, args, result, opTimeout(op), cancel)
 		if errors.Is(err, control.ErrCanceled) {
 			// The hang-up stops the operation in the daemon, which rolls
 			// it back. The next request waits for that to end, since the
 			// daemon runs one operation at a time.
-			control.Call(sock, opImageList, nil, nil, opTimeout(opImageList))
+			callDaemon(sock, opImageList, nil, nil, opTimeout(opImageList), nil)
 			return volError(fmt.Errorf("%w (the mount daemon stopped the operation)", volume.ErrCanceled), dir)
 		}
 		if !errors.Is(err, control.ErrNoDaemon) {
-			return volError(fromDaemon(err), dir)
+			return volError(err, dir)
 		}
 		err = directCall(e, abs, op, args, result)
 		if !errors.Is(err, volume.ErrLocked) {
@@ -341,6 +336,16 @@ func (e *daemonError) Is(target error) bool {
 		}
 	}
 	return false
+}
+
+// callDaemon is control.Call (CallCancel with a cancel channel) with the
+// daemon's errors made daemonErrors: every call to a mount daemon goes
+// through it.
+func callDaemon(sock, op string, args, result any, timeout time.Duration, cancel <-chan struct{}) error {
+	if cancel != nil {
+		return fromDaemon(control.CallCancel(sock, op, args, result, timeout, cancel))
+	}
+	return fromDaemon(control.Call(sock, op, args, result, timeout))
 }
 
 // fromDaemon makes a *control.Error a daemonError; other errors (nil too)
