@@ -76,10 +76,10 @@
 // Errors cross into the kernel in one place, toErrno: an error that wraps
 // a syscall.Errno (found with errors.As) is returned as that errno, so the
 // Backend's ENOENT, EBUSY ("in use by pid N (comm)"), ENOSPC, EROFS,
-// EINVAL... reach the caller unchanged; any other error becomes EIO. Every
-// error but ENOENT and ENXIO (ordinary answers of lookup and lseek) is
-// logged with the operation and the disk, so the cause of an EIO is in the
-// log.
+// EINVAL, EDQUOT... reach the caller unchanged; any other error becomes
+// EIO. Every error but ENOENT and ENXIO (ordinary answers of lookup and
+// lseek) is logged with the operation and the disk, so the cause of an EIO
+// is in the log.
 //
 // # Tuning
 //

@@ -92,14 +92,20 @@ func (h *Disk) Allocated() int64 {
 	return int64(h.v.st.Mapped(h.tree)) * SectorSize
 }
 
-// Resize grows the disk (ResizeDisk).
+// Resize grows the disk (ResizeDisk). Its errors carry the errno that a
+// truncate or fallocate through the mount returns: EINVAL for a size it
+// refuses, EDQUOT ("Disk quota exceeded") for a growth the configured
+// balance cannot cover, a quota in all but name.
 func (h *Disk) Resize(size int64) error {
 	if h.d.readonly {
 		return fmt.Errorf("volume: %s is a snapshot: %w", h.name, syscall.EROFS)
 	}
 	_, err := h.v.ResizeDisk(h.name, size)
-	if errors.Is(err, ErrShrink) || errors.Is(err, ErrBadSize) {
+	switch {
+	case errors.Is(err, ErrShrink) || errors.Is(err, ErrBadSize):
 		return fmt.Errorf("%w: %w", syscall.EINVAL, err)
+	case errors.Is(err, ErrBalance):
+		return fmt.Errorf("%w: %w", syscall.EDQUOT, err)
 	}
 	return err
 }
