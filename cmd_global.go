@@ -22,11 +22,31 @@ const (
 	envKeystore       = "ENCDISK_KEYSTORE"
 	envPassphraseFile = "ENCDISK_PASSPHRASE_FILE"
 	envRootKeyFile    = "ENCDISK_ROOT_KEY_FILE"
-	// envTestFastKDF, set to 1, makes `encdisk init` create keystores with
-	// keystore.TestParams, whose KDF costs nothing. Test-only: such a
-	// keystore resists no passphrase guessing. Undocumented in --help.
+	// envTestFastKDF, set to 1 in a test build (testHooks), makes `encdisk
+	// init` and `keystore change-secret` seal keystores with
+	// keystore.TestParams, whose KDF costs nothing: such a keystore resists
+	// no passphrase guessing. Undocumented in --help.
 	envTestFastKDF = "ENCDISK_TEST_FAST_KDF"
+	// envTestCopyDelay, a duration, slows image transfers down per chunk in
+	// a test build, so that tests can interrupt one halfway.
+	envTestCopyDelay = "ENCDISK_TEST_COPY_DELAY"
 )
+
+// testHooks is true only in the tests' builds of encdisk: the test binary
+// of this package (main_test.go) and a binary built with the
+// encdisk_testhooks tag (testhooks.go; internal/testbin builds one for the
+// end-to-end and crash tests). Only then are the ENCDISK_TEST_* variables
+// read: a release binary ignores them, so nothing in a user's environment
+// can make it seal a keystore under a KDF that costs nothing.
+var testHooks bool
+
+// testEnv is the test-only variable name, or "" outside a test build.
+func testEnv(name string) string {
+	if !testHooks {
+		return ""
+	}
+	return os.Getenv(name)
+}
 
 const defaultRegion = "cn-hangzhou"
 

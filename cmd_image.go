@@ -558,10 +558,10 @@ func withTransfer(c *cli.Context, what string, call func() error) error {
 	return err
 }
 
-// slowedForTests slows a transfer down by ENCDISK_TEST_COPY_DELAY per chunk,
-// so that tests can interrupt it halfway.
+// slowedForTests slows a transfer down by ENCDISK_TEST_COPY_DELAY per chunk
+// in a test build, so that tests can interrupt it halfway.
 func slowedForTests(t volume.Transfer) volume.Transfer {
-	d, err := time.ParseDuration(os.Getenv("ENCDISK_TEST_COPY_DELAY"))
+	d, err := time.ParseDuration(testEnv(envTestCopyDelay))
 	if err != nil {
 		return t
 	}

@@ -140,7 +140,7 @@ func createKeystore(e *env, dir string) error {
 	}
 	defer wipeSecret(&s)
 	p := keystore.Params{}
-	if os.Getenv(envTestFastKDF) == "1" {
+	if testEnv(envTestFastKDF) == "1" {
 		p = keystore.TestParams
 	}
 	ks, err := keystore.Create(dir, s, p)

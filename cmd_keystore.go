@@ -96,7 +96,7 @@ func runKeystoreChangeSecret(c *cli.Context) error {
 	}
 	defer wipeSecret(&nw)
 	p := keystore.Params{}
-	if os.Getenv(envTestFastKDF) == "1" {
+	if testEnv(envTestFastKDF) == "1" {
 		p = keystore.TestParams
 	}
 	if err := keystore.ChangeSecret(dir, old, nw, p); err != nil {

@@ -18,6 +18,7 @@ import (
 // installs it in $PATH as "encdisk" and runs scripts against it, exactly as a
 // user would run the real binary.
 func TestMain(m *testing.M) {
+	testHooks = true
 	testscript.Main(m, map[string]func(){
 		"encdisk": func() { os.Exit(run(os.Args, os.Stdout, os.Stderr)) },
 	})

@@ -12,6 +12,11 @@ import (
 	"testing"
 )
 
+// Tags are the build tags of the binary Main builds: encdisk_testhooks
+// makes it read the ENCDISK_TEST_* variables that Environ sets, which a
+// release build ignores.
+const Tags = "encdisk_testhooks"
+
 // Main builds encdisk into a temporary directory, runs the tests with the
 // binary's path in *bin, and exits; call it from TestMain.
 func Main(m *testing.M, bin *string) {
@@ -21,7 +26,7 @@ func Main(m *testing.M, bin *string) {
 		os.Exit(1)
 	}
 	*bin = filepath.Join(dir, "encdisk")
-	out, err := exec.Command("go", "build", "-o", *bin, "github.com/encdisk/encdisk").CombinedOutput()
+	out, err := exec.Command("go", "build", "-tags", Tags, "-o", *bin, "github.com/encdisk/encdisk").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build encdisk: %v\n%s", err, out)
 		os.RemoveAll(dir)

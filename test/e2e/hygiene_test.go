@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/encdisk/encdisk/internal/testbin"
 	"github.com/encdisk/encdisk/keystore"
 	bolt "go.etcd.io/bbolt"
 )
@@ -404,6 +405,51 @@ func TestKeyHygiene(t *testing.T) {
 	for what, n := range needles {
 		if bytes.Contains(tr.out.Bytes(), n) {
 			t.Errorf("a command's output holds the %s", what)
+		}
+	}
+}
+
+// TestReleaseIgnoresTestHooks: only a test build reads ENCDISK_TEST_FAST_KDF.
+// The binary the tests use (built with testbin.Tags) seals a keystore under
+// the free test KDF when it is set; a release build, given the same
+// environment, seals it under keystore.DefaultParams.
+func TestReleaseIgnoresTestHooks(t *testing.T) {
+	e := newEnv(t)
+	release := filepath.Join(e.dir, "encdisk-release")
+	if out, err := exec.Command("go", "build", "-o", release, "github.com/encdisk/encdisk").CombinedOutput(); err != nil {
+		t.Fatalf("build a release encdisk: %v\n%s", err, out)
+	}
+	for _, c := range []struct {
+		bin  string
+		want keystore.Params
+	}{
+		{binary, keystore.TestParams},
+		{release, keystore.DefaultParams},
+	} {
+		kms := filepath.Join(e.dir, "kms-"+filepath.Base(c.bin))
+		cmd := exec.Command(c.bin, "init", filepath.Join(e.dir, "vol-"+filepath.Base(c.bin)), "--keystore", kms)
+		cmd.Env = testbin.Environ(e.dir, e.pwFile) // ENCDISK_TEST_FAST_KDF=1
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%s init: %v\n%s", c.bin, err, out)
+		}
+		b, err := os.ReadFile(filepath.Join(kms, "keystore.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ks struct {
+			KDF struct {
+				Name      string `json:"name"`
+				Time      uint32 `json:"time"`
+				MemoryKiB uint32 `json:"memory_kib"`
+				Threads   uint8  `json:"threads"`
+			} `json:"kdf"`
+		}
+		if err := json.Unmarshal(b, &ks); err != nil {
+			t.Fatal(err)
+		}
+		got := keystore.Params{Time: ks.KDF.Time, MemoryKiB: ks.KDF.MemoryKiB, Threads: ks.KDF.Threads}
+		if ks.KDF.Name != "argon2id" || got != c.want {
+			t.Errorf("%s with ENCDISK_TEST_FAST_KDF=1: keystore sealed with %s %+v, want argon2id %+v", c.bin, ks.KDF.Name, got, c.want)
 		}
 	}
 }
