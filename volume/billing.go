@@ -228,6 +228,7 @@ func (v *Volume) charge(op, what string, calls ...keyCall) (*pendingBill, error)
 	}
 	pb := &pendingBill{v: v, st: st, now: time.Now().UTC().Truncate(time.Second), op: op, calls: map[string]uint64{}}
 	cost := 0.0
+	newDay := map[string]bool{} // keys whose first day cost counts
 	for _, c := range calls {
 		id, kind, err := v.keyKind(st, c.ref)
 		if err != nil && c.recorded {
@@ -247,8 +248,15 @@ func (v *Volume) charge(op, what string, calls ...keyCall) (*pendingBill, error)
 		pb.calls[id] += c.calls
 		if k.billed() {
 			cost += float64(c.calls) * p.PricePer10k / 10000
-			if k.Since.IsZero() {
-				cost += p.KeyPricePerDay // a key coming into use starts a day
+			// A key coming into use for the first time starts its
+			// first day. Days count the time a key is in use in all,
+			// so a key used before has paid for the day it is in, and
+			// a recorded key is that of a disk, snapshot or image
+			// (of this volume, already in use; or, for an image
+			// copied in, of the source volume, which pays for it).
+			if !c.recorded && k.days(pb.now) == 0 && !newDay[id] {
+				newDay[id] = true
+				cost += p.KeyPricePerDay
 			}
 		}
 	}
