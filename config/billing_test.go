@@ -24,6 +24,11 @@ balance = 12.5
 		{"[billing]\nprice_per_10k_calls = -1", "negative"},
 		{"[billing]\nkey_price_per_day = 1\nkey_price_per_month = 30", "both set"},
 		{"[billing]\nprice = 1", "unknown key billing.price"},
+		{"[billing]\nprice_per_10k_calls = nan", "[billing] price_per_10k_calls = NaN: give a number"},
+		{"[billing]\nkey_price_per_day = inf", "[billing] key_price_per_day = +Inf: give a number"},
+		{"[billing]\nkey_price_per_month = -inf", "[billing] key_price_per_month = -Inf: give a number"},
+		{"[billing]\nbalance = nan", "[billing] balance = NaN: give a number"},
+		{"[billing]\nbalance = +inf", "[billing] balance = +Inf: give a number"},
 	} {
 		if _, err := Parse("c.toml", []byte(bad.text)); err == nil || !strings.Contains(err.Error(), bad.want) {
 			t.Errorf("%q: %v, want %q", bad.text, err, bad.want)

@@ -19,6 +19,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -153,6 +154,21 @@ func Parse(path string, data []byte) (*Config, error) {
 		return nil, fmt.Errorf("config %s: passphrase_file and root_key_file are both set; keep the one the keystore is sealed with", path)
 	}
 	b := &c.Billing
+	amounts := []struct {
+		key string
+		x   *float64
+	}{
+		{"price_per_10k_calls", &b.PricePer10kCalls},
+		{"key_price_per_day", &b.KeyPricePerDay},
+		{"key_price_per_month", &b.KeyPricePerMonth},
+		{"balance", b.Balance},
+	}
+	for _, a := range amounts {
+		// TOML has nan and inf; no amount of money is either.
+		if a.x != nil && (math.IsNaN(*a.x) || math.IsInf(*a.x, 0)) {
+			return nil, fmt.Errorf("config %s: [billing] %s = %v: give a number, an amount in the [billing] currency", path, a.key, *a.x)
+		}
+	}
 	switch {
 	case b.PricePer10kCalls < 0 || b.KeyPricePerDay < 0 || b.KeyPricePerMonth < 0:
 		return nil, fmt.Errorf("config %s: [billing] prices cannot be negative", path)
