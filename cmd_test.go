@@ -50,6 +50,27 @@ func TestInterspersed(t *testing.T) {
 	}
 }
 
+// A flag that needs a value but ends the command line is a usage error
+// naming the flag: the "--" that interspersed puts before the arguments
+// must not become its value.
+func TestDanglingFlagValue(t *testing.T) {
+	t.Setenv("ENCDISK_CONFIG", "")
+	t.Setenv("HOME", t.TempDir())
+	t.Chdir(t.TempDir())
+	for _, tt := range []struct{ args, want string }{
+		{"disk create vol d1 --size", "create: flag needs an argument: -size"},
+		{"config default-encryption vol --kms-key-id", "default-encryption: flag needs an argument: -kms-key-id"},
+		{"billing vol --config", "billing: flag needs an argument: -config"},
+		{"disk list vol --keystore", "list: flag needs an argument: -keystore"},
+	} {
+		var out, errb bytes.Buffer
+		code := run(append([]string{"encdisk"}, strings.Fields(tt.args)...), &out, &errb)
+		if code != exitUsage || !strings.Contains(errb.String(), "encdisk: error: "+tt.want+"\n") {
+			t.Errorf("encdisk %s: exit %d, %q; want exit %d, %q", tt.args, code, errb.String(), exitUsage, tt.want)
+		}
+	}
+}
+
 func TestParseSize(t *testing.T) {
 	var notes strings.Builder
 	c := cli.NewContext(&cli.App{ErrWriter: &notes}, nil, nil)

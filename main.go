@@ -237,7 +237,13 @@ func interspersed(app *cli.App, args []string) []string {
 			return append(out, args[i:]...)
 		case len(a) > 1 && a[0] == '-':
 			out = append(out, a)
-			if !strings.Contains(a, "=") && takesValue(flags, strings.TrimLeft(a, "-")) && i+1 < len(args) {
+			if !strings.Contains(a, "=") && takesValue(flags, strings.TrimLeft(a, "-")) {
+				if i+1 == len(args) {
+					// Its value is missing: leave the flag last, for
+					// the parser to report, rather than give it the
+					// "--" that would come before the arguments.
+					return out
+				}
 				i++
 				out = append(out, args[i])
 			}
