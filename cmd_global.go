@@ -88,6 +88,9 @@ type env struct {
 
 func loadEnv(c *cli.Context) (*env, error) {
 	cfg, err := config.Load(flagString(c, "config"))
+	if err == nil {
+		err = checkConfigValues(cfg)
+	}
 	if err != nil {
 		return nil, withHint(err, "fix the file, or choose another with --config FILE or %s", config.Env)
 	}
@@ -118,6 +121,20 @@ func loadEnv(c *cli.Context) (*env, error) {
 			"a keystore is sealed under one of them; give only --passphrase-file (%s) or --root-key-file (%s)", envPassphraseFile, envRootKeyFile)
 	}
 	return e, nil
+}
+
+// checkConfigValues checks the values of config.toml that name things the
+// command line knows (the config package only reads the file): a region or
+// default category no command could use is the file's error, whichever
+// command reads it, as an unknown key is.
+func checkConfigValues(cfg *config.Config) error {
+	if cfg.Region != "" && !keystore.ValidRegion(cfg.Region) {
+		return fmt.Errorf("config %s: region %q is not a region: use 2 to 40 lower-case letters, digits and '-', like %s", cfg.Path, cfg.Region, defaultRegion)
+	}
+	if c := cfg.Defaults.Category; c != "" && !volume.IsCategory(c) {
+		return fmt.Errorf("config %s: [defaults] category %q is not a category: use cloud_essd, cloud_ssd, cloud_efficiency, cloud or local", cfg.Path, c)
+	}
+	return nil
 }
 
 func firstNonEmpty(s ...string) string {

@@ -71,6 +71,33 @@ func TestDanglingFlagValue(t *testing.T) {
 	}
 }
 
+// A region or a default category in config.toml that encdisk cannot use
+// is the file's fault, reported as such (exit 1, naming the file and the
+// key), not as a bad command line or a rule of the volume.
+func TestConfigValues(t *testing.T) {
+	t.Setenv("HOME", t.TempDir())
+	t.Chdir(t.TempDir())
+	for _, tt := range []struct{ text, args, want string }{
+		{"region = \"Bad Region!\"\n", "init vol",
+			`config.toml: region "Bad Region!" is not a region: use 2 to 40 lower-case letters, digits and '-', like cn-hangzhou`},
+		{"region = \"Bad Region!\"\n", "key list",
+			`config.toml: region "Bad Region!" is not a region`},
+		{"[defaults]\ncategory = \"ssd\"\n", "disk create vol d1 --size 1MiB",
+			`config.toml: [defaults] category "ssd" is not a category: use cloud_essd, cloud_ssd, cloud_efficiency, cloud or local`},
+	} {
+		cfg := filepath.Join(t.TempDir(), "config.toml")
+		if err := os.WriteFile(cfg, []byte(tt.text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		t.Setenv("ENCDISK_CONFIG", cfg)
+		var out, errb bytes.Buffer
+		code := run(append([]string{"encdisk"}, strings.Fields(tt.args)...), &out, &errb)
+		if code != exitError || !strings.Contains(errb.String(), tt.want) || !strings.Contains(errb.String(), "encdisk: hint: fix the file") {
+			t.Errorf("%q, encdisk %s: exit %d, %q; want exit %d, %q", tt.text, tt.args, code, errb.String(), exitError, tt.want)
+		}
+	}
+}
+
 func TestParseSize(t *testing.T) {
 	var notes strings.Builder
 	c := cli.NewContext(&cli.App{ErrWriter: &notes}, nil, nil)
