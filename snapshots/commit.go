@@ -296,16 +296,32 @@ func (s *Store) persist(c *changes, extra func(tx *bolt.Tx) error) error {
 	return nil
 }
 
+// fdatasync is unix.Fdatasync; a test replaces it to make it fail.
+var fdatasync = unix.Fdatasync
+
 // syncPool makes the pool file's data durable. fdatasync suffices: the
 // only metadata of the pool file that matters, its size, is one it flushes.
+//
+// A failed fdatasync poisons the store. Linux reports a writeback error
+// once and marks the pages that failed clean: the next fdatasync succeeds
+// whether or not they reached storage, so a retried commit would make
+// metadata point at data that may be lost, and a guest's fsync would
+// return success for writes that are gone. Reopening goes back to the
+// last durable commit.
 func (s *Store) syncPool() error {
 	for {
-		err := unix.Fdatasync(int(s.pool.Fd()))
+		err := fdatasync(int(s.pool.Fd()))
 		if err == unix.EINTR {
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("snapshots: sync pool: %w", err)
+			err = fmt.Errorf("snapshots: sync pool: %w", err)
+			s.mu.Lock()
+			if s.poisoned == nil {
+				s.poisoned = fmt.Errorf("%w: %v (writes since the last commit may not have reached storage)", ErrPoisoned, err)
+			}
+			s.mu.Unlock()
+			return err
 		}
 		return nil
 	}
@@ -394,7 +410,7 @@ func (s *Store) Apply(op func(tx *Tx) error, extra func(tx *bolt.Tx) error) erro
 	if err := s.persist(c, extra); err != nil {
 		s.mu.Lock()
 		s.restoreLocked(c)
-		if uerr := s.undoLocked(tx); uerr != nil {
+		if uerr := s.undoLocked(tx); uerr != nil && s.poisoned == nil {
 			s.poisoned = fmt.Errorf("%w: %v", ErrPoisoned, err)
 		}
 		s.mu.Unlock()

@@ -1,11 +1,13 @@
 package snapshots
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
 
 	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
 )
 
 // writeErr is testStore.write for goroutines: it returns the error.
@@ -151,4 +153,40 @@ func TestPrepareWriteInPlace(t *testing.T) {
 		}
 	}
 	ts.check(snap, model{510: 1, 511: 2, 512: 3, 513: 4}, 500, 520)
+}
+
+// TestSyncAfterFailedPoolSync: once an fdatasync of the pool has failed,
+// the writes it was to make durable may be lost (Linux reports a
+// writeback error once and marks the pages clean), so a later Sync must
+// not succeed as if they were on storage: the store refuses further
+// writes and commits until it is reopened, and the reopened store holds
+// the last durable commit.
+func TestSyncAfterFailedPoolSync(t *testing.T) {
+	ts := newTestStore(t)
+	var d TreeID
+	ts.apply(func(tx *Tx) error { d = tx.NewTree(); return nil })
+	ts.write(d, 0, []uint64{1})
+	if err := ts.s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	ts.write(d, 1, []uint64{2}) // a new block: needs the pool synced, then metadata
+	real := fdatasync
+	fdatasync = func(fd int) error { return unix.EIO }
+	err := ts.s.Sync()
+	fdatasync = real
+	if !errors.Is(err, unix.EIO) {
+		t.Fatalf("Sync with a failing fdatasync: %v, want EIO", err)
+	}
+	if err := ts.s.Sync(); !errors.Is(err, ErrPoisoned) {
+		t.Fatalf("Sync after a failed fdatasync: %v, want ErrPoisoned", err)
+	}
+	if err := ts.writeErr(d, 0, []uint64{3}); !errors.Is(err, ErrPoisoned) {
+		t.Fatalf("write after a failed fdatasync: %v, want ErrPoisoned", err)
+	}
+	ts.crash()
+	ts.check(d, model{0: 1}, 0, 4)
+	ts.write(d, 1, []uint64{4})
+	if err := ts.s.Sync(); err != nil {
+		t.Fatalf("Sync after reopening: %v", err)
+	}
 }
