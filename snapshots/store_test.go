@@ -504,29 +504,7 @@ func TestSeekOnDamagedNodeDoesNotPoison(t *testing.T) {
 	if err := ts.s.Commit(nil); err != nil {
 		t.Fatal(err)
 	}
-	// Drop d's leaf from the database, then reopen with an empty cache.
-	root := ts.s.trees[d].root
-	ts.close()
-	db, err := bolt.Open(filepath.Join(ts.dir, "meta.db"), 0o600, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = db.Update(func(tx *bolt.Tx) error {
-		id := root
-		for level := levels - 1; level > 0; level-- {
-			n, err := decodeNode(tx.Bucket(bucketNodes).Get(u64(id)))
-			if err != nil {
-				return err
-			}
-			id = n.e[idx(5*fanout, level)]
-		}
-		return tx.Bucket(bucketNodes).Delete(u64(id))
-	})
-	db.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ts.open()
+	ts.dropLeaf(d, 5*fanout)
 	if _, _, err := ts.s.SeekData(d, 0); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("SeekData over a missing node: %v, want ErrCorrupt", err)
 	}
@@ -538,6 +516,69 @@ func TestSeekOnDamagedNodeDoesNotPoison(t *testing.T) {
 		t.Fatalf("commit after the failed seeks: %v", err)
 	}
 	ts.check(e, model{0: 2, 1: 3}, 0, 4)
+}
+
+// dropLeaf deletes from the database the leaf of tree t that maps sector,
+// as damage would, and reopens the store with an empty node cache.
+func (ts *testStore) dropLeaf(t TreeID, sector uint64) {
+	ts.t.Helper()
+	if err := ts.s.Commit(nil); err != nil {
+		ts.t.Fatal(err)
+	}
+	root := ts.s.trees[t].root
+	ts.close()
+	db, err := bolt.Open(filepath.Join(ts.dir, "meta.db"), 0o600, nil)
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		id := root
+		for level := levels - 1; level > 0; level-- {
+			n, err := decodeNode(tx.Bucket(bucketNodes).Get(u64(id)))
+			if err != nil {
+				return err
+			}
+			id = n.e[idx(sector, level)]
+		}
+		return tx.Bucket(bucketNodes).Delete(u64(id))
+	})
+	db.Close()
+	if err != nil {
+		ts.t.Fatal(err)
+	}
+	ts.open()
+}
+
+// TestWriteOnDamagedNodeDoesNotPoison: a write that meets a node missing
+// from the database fails, and the store goes on serving the other trees:
+// nothing had changed when the write found the damage, so there is no
+// half-made change to stop the store for. (It used to poison the store:
+// every later write and commit of every disk failed until a reopen, and
+// the same write poisoned it again after the reopen.)
+func TestWriteOnDamagedNodeDoesNotPoison(t *testing.T) {
+	ts := newTestStore(t)
+	var d, e TreeID
+	ts.apply(func(tx *Tx) error { d, e = tx.NewTree(), tx.NewTree(); return nil })
+	ts.write(d, 5*fanout, []uint64{1})
+	ts.write(e, 0, []uint64{2})
+	ts.dropLeaf(d, 5*fanout)
+	for _, sector := range []uint64{5 * fanout, 5*fanout + 1} { // an overwrite, a new block
+		if err := ts.writeErr(d, sector, []uint64{9}); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("write to sector %d over a missing node: %v, want ErrCorrupt", sector, err)
+		}
+	}
+	if err := ts.writeErr(d, 7*fanout, []uint64{4}); err != nil { // elsewhere in d
+		t.Fatalf("write to an undamaged part of the tree: %v", err)
+	}
+	ts.write(e, 1, []uint64{3})
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatalf("commit after the failed writes: %v", err)
+	}
+	ts.crash()
+	ts.check(e, model{0: 2, 1: 3}, 0, 4)
+	if got := ts.read(d, 7*fanout, 1); got[0] != 4 {
+		t.Fatalf("tree d sector %d: tag %d, want 4", 7*fanout, got[0])
+	}
 }
 
 // TestLookupRacingDiscard: a read that finds a node missing from the cache

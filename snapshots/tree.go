@@ -459,12 +459,20 @@ func (s *Store) PrepareWrite(t TreeID, first uint64, out []uint64, fresh []bool)
 	if s.prepareInPlace(t, first, out, fresh) {
 		return nil
 	}
-	return s.mutate(func() {
-		ts, err := s.tree(t)
-		if err != nil {
-			panic(metaErr{err})
-		}
-		need := 0
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.poisoned != nil {
+		return s.poisoned
+	}
+	ts, err := s.tree(t)
+	if err != nil {
+		return err
+	}
+	// Find what needs a new block. A node that fails to load on the way
+	// fails this write only: nothing has changed yet, so unlike mutate
+	// this does not poison the store (which would stop every disk).
+	need := 0
+	err = catchMeta(func() {
 		for i := range out {
 			sector := first + uint64(i)
 			shared := false
@@ -485,19 +493,20 @@ func (s *Store) PrepareWrite(t TreeID, first uint64, out []uint64, fresh []bool)
 				need++
 			}
 		}
-		if need == 0 {
-			return
-		}
-		blocks := s.allocLocked(need)
-		k := 0
-		for i := range out {
-			if fresh[i] {
-				out[i] = blocks[k]
-				s.reserved[blocks[k]] = true
-				k++
-			}
-		}
 	})
+	if err != nil || need == 0 {
+		return err
+	}
+	blocks := s.allocLocked(need)
+	k := 0
+	for i := range out {
+		if fresh[i] {
+			out[i] = blocks[k]
+			s.reserved[blocks[k]] = true
+			k++
+		}
+	}
+	return nil
 }
 
 // prepareInPlace is PrepareWrite's fast path for the common overwrite:
