@@ -144,16 +144,31 @@ func TestVolumeCheckSnapshotDirs(t *testing.T) {
 		}
 	}
 
-	// Closed: the next open rewrites it, and the check reports that.
-	tv.v.Close()
-	os.RemoveAll(snapDir)
-	tv.open(false)
-	r := tv.check(false)
-	if len(r.All()) != 1 || !r.OK() || !r.All()[0].Repaired || !strings.Contains(r.All()[0].Detail, "opened") {
-		t.Fatalf("check after an open that repaired: %+v", r.All())
+	// Closed: the next open rewrites it, and the check reports that. A
+	// snapshot.json that differs from the catalogue is what a crash in
+	// RewrapSnapshot leaves (the file is written before the commit).
+	other := bytes.Replace(before, []byte(`"name": "s1"`), []byte(`"name": "s2"`), 1)
+	if bytes.Equal(other, before) {
+		t.Fatal("test: no name in snapshot.json")
 	}
-	if r := tv.check(false); len(r.All()) != 0 {
-		t.Fatalf("second check: %+v", r.All())
+	for _, damage := range []func(){
+		func() { os.RemoveAll(snapDir) },
+		func() { os.WriteFile(filepath.Join(snapDir, "snapshot.json"), other, 0o600) },
+		func() { os.WriteFile(filepath.Join(snapDir, "snapshot.json"), []byte(`garbage`), 0o600) },
+	} {
+		tv.v.Close()
+		damage()
+		tv.open(false)
+		r := tv.check(false)
+		if len(r.All()) != 1 || !r.OK() || !r.All()[0].Repaired || !strings.Contains(r.All()[0].Detail, "opened") {
+			t.Fatalf("check after an open that repaired: %+v", r.All())
+		}
+		if r := tv.check(false); len(r.All()) != 0 {
+			t.Fatalf("second check: %+v", r.All())
+		}
+		if got, _ := os.ReadFile(filepath.Join(snapDir, "snapshot.json")); !bytes.Equal(got, before) {
+			t.Fatalf("snapshot.json after the open:\n%s\nwant\n%s", got, before)
+		}
 	}
 }
 

@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -133,14 +134,35 @@ func (v *Volume) reconcileSnapDirs() {
 		}
 	}
 	for id, s := range known {
-		if _, err := os.Stat(filepath.Join(v.snapDir(id), "snapshot.json")); err != nil {
+		b, err := os.ReadFile(filepath.Join(v.snapDir(id), "snapshot.json"))
+		switch {
+		case err != nil:
 			v.logf("snapshot %s: directory missing; rewriting it from the catalogue", s.rec.Name)
 			v.openFixes = append(v.openFixes, fmt.Sprintf("snapshot %s: directory %s was missing: rewritten from the catalogue", s.rec.Name, id))
-			if err := v.writeSnapDir(&s.rec); err != nil {
-				v.logf("snapshot %s: %v", s.rec.Name, err)
-			}
+		case !snapFileMatches(b, &s.rec):
+			// A crash in RewrapSnapshot, which writes the file before
+			// its commit, leaves the new record in it.
+			v.logf("snapshot %s: snapshot.json differs from the catalogue; rewriting it from the catalogue", s.rec.Name)
+			v.openFixes = append(v.openFixes, fmt.Sprintf("snapshot %s: %s/snapshot.json differed from the catalogue: rewritten from the catalogue", s.rec.Name, id))
+		default:
+			continue
+		}
+		if err := v.writeSnapDir(&s.rec); err != nil {
+			v.logf("snapshot %s: %v", s.rec.Name, err)
 		}
 	}
+}
+
+// snapFileMatches reports whether b, the content of a snapshot.json,
+// holds record r.
+func snapFileMatches(b []byte, r *snapRecord) bool {
+	var got snapRecord
+	if json.Unmarshal(b, &got) != nil {
+		return false
+	}
+	g, _ := json.Marshal(&got)
+	want, _ := json.Marshal(r)
+	return bytes.Equal(g, want)
 }
 
 func (v *Volume) putSnap(tx *bolt.Tx, r *snapRecord) error {
