@@ -525,6 +525,9 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 			}
 			return st, nil
 		}
+		if p := running.Load(); p != nil {
+			logger.Printf("%s: waiting for its turn behind %s", op, *p)
+		}
 		opMu.Lock()
 		defer opMu.Unlock()
 		// One that waited for its turn behind a long one (an image copy)
@@ -541,6 +544,7 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 		running.Store(&op)
 		defer running.Store(nil)
 		if op == opImageCopy || op == opImageExport {
+			logger.Printf("%s: started", op)
 			// A client that hangs up (Ctrl-C) cancels ctx: the copy stops
 			// and is rolled back, as when it runs in the client itself.
 			setImageTransfer(slowedForTests(volume.Transfer{Cancel: ctx.Done()}))
