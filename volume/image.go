@@ -278,11 +278,19 @@ func (v *Volume) reconcileImages() error {
 		}
 	}
 	for id, im := range known {
-		if _, err := os.Stat(filepath.Join(v.imageDir(id), "image.json")); err != nil {
+		b, err := os.ReadFile(filepath.Join(v.imageDir(id), "image.json"))
+		switch {
+		case err != nil:
 			v.logf("image %s: directory missing; rewriting it from the catalogue", im.rec.Name)
-			if err := v.writeImageDir(&im.rec); err != nil {
-				v.logf("image %s: %v", im.rec.Name, err)
-			}
+		case !fileHolds(b, &im.rec):
+			// A crash in ShareImage, which writes the file before its
+			// commit, leaves the new record in it.
+			v.logf("image %s: image.json differs from the catalogue; rewriting it from the catalogue", im.rec.Name)
+		default:
+			continue
+		}
+		if err := v.writeImageDir(&im.rec); err != nil {
+			v.logf("image %s: %v", im.rec.Name, err)
 		}
 	}
 	return nil

@@ -584,11 +584,31 @@ func TestImageCheckDirs(t *testing.T) {
 	if rep := tv.check(false); !rep.OK() {
 		t.Fatalf("after repair: %v", rep.All())
 	}
-	// Open rewrites a missing directory too.
-	os.RemoveAll(filepath.Join(tv.dir, imagesDir, id))
-	tv.reopen(false)
-	if _, err := os.Stat(p); err != nil {
+	// Open rewrites a missing directory too, and an image.json that does
+	// not decode or differs from the catalogue (what a crash in
+	// ShareImage, which writes the file before its commit, leaves).
+	before, err := os.ReadFile(p)
+	if err != nil {
 		t.Fatal(err)
+	}
+	other := bytes.Replace(before, []byte(`"name": "img"`), []byte(`"name": "img2"`), 1)
+	if bytes.Equal(other, before) {
+		t.Fatal("test: no name in image.json")
+	}
+	for _, damage := range []func(){
+		func() { os.RemoveAll(filepath.Join(tv.dir, imagesDir, id)) },
+		func() { os.WriteFile(p, other, 0o600) },
+		func() { os.WriteFile(p, []byte("garbage"), 0o600) },
+	} {
+		tv.v.Close()
+		damage()
+		tv.open(false)
+		if got, _ := os.ReadFile(p); !bytes.Equal(got, before) {
+			t.Fatalf("image.json after the open:\n%s\nwant\n%s", got, before)
+		}
+		if rep := tv.check(false); !rep.OK() {
+			t.Fatalf("check after the open: %v", rep.All())
+		}
 	}
 }
 

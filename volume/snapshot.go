@@ -139,7 +139,7 @@ func (v *Volume) reconcileSnapDirs() {
 		case err != nil:
 			v.logf("snapshot %s: directory missing; rewriting it from the catalogue", s.rec.Name)
 			v.openFixes = append(v.openFixes, fmt.Sprintf("snapshot %s: directory %s was missing: rewritten from the catalogue", s.rec.Name, id))
-		case !snapFileMatches(b, &s.rec):
+		case !fileHolds(b, &s.rec):
 			// A crash in RewrapSnapshot, which writes the file before
 			// its commit, leaves the new record in it.
 			v.logf("snapshot %s: snapshot.json differs from the catalogue; rewriting it from the catalogue", s.rec.Name)
@@ -153,10 +153,10 @@ func (v *Volume) reconcileSnapDirs() {
 	}
 }
 
-// snapFileMatches reports whether b, the content of a snapshot.json,
-// holds record r.
-func snapFileMatches(b []byte, r *snapRecord) bool {
-	var got snapRecord
+// fileHolds reports whether b, the content of a record's file in its own
+// directory (a snapshot.json or an image.json), decodes to record r.
+func fileHolds[T any](b []byte, r *T) bool {
+	var got T
 	if json.Unmarshal(b, &got) != nil {
 		return false
 	}
