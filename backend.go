@@ -24,7 +24,7 @@ func diskEntry(d *volume.DiskInfo) fs.DiskEntry {
 		Name:      d.Name,
 		Size:      d.Size,
 		Allocated: d.Allocated,
-		ModTime:   d.Created,
+		ModTime:   d.Modified,
 	}
 }
 

@@ -297,6 +297,9 @@ func runDiskShow(c *cli.Context) error {
 	if !d.Created.IsZero() {
 		row("created", d.Created.Local().Format(time.RFC3339))
 	}
+	if !d.Modified.IsZero() {
+		row("modified", d.Modified.Local().Format(time.RFC3339))
+	}
 	row("open by", strings.Join(d.OpenBy, ", "))
 	return tw.Flush()
 }

@@ -146,7 +146,10 @@ type DiskInfo struct {
 	SourceType string    `json:"source_type"` // "blank", "snapshot" or "image"
 	Source     string    `json:"source,omitempty"`
 	Created    time.Time `json:"created"`
-	OpenBy     []string  `json:"open_by,omitempty"` // while mounted: who has it open
+	// Modified is when the content last changed (written, discarded or
+	// grown through the mount, reset, re-initialized); Created if never.
+	Modified time.Time `json:"modified"`
+	OpenBy   []string  `json:"open_by,omitempty"` // while mounted: who has it open
 
 	// EncryptedByDefault: CreateDisk encrypted the disk, or chose its key,
 	// because default encryption is on (only in CreateDisk's answer).

@@ -81,6 +81,14 @@ func (h *Disk) Close() error {
 	if h.d.readonly && len(h.d.opens) == 0 {
 		h.d.wipeKey() // a snapshot view holds its key only while open
 	}
+	if h.writable && !h.d.readonly && len(h.d.opens) == 0 && h.d.unrecorded() && !h.v.closed && h.v.disks[h.d.rec.Name] == h.d {
+		// The last writer is gone: record when it last changed the disk.
+		// What fails here is left to the next update of the record or
+		// the volume's close.
+		if err := h.v.update(h.d, func(*diskRecord) {}); err != nil {
+			h.v.logf("disk %s: record its modification time: %v", h.d.rec.Name, err)
+		}
+	}
 	return nil
 }
 
@@ -101,6 +109,9 @@ func (h *Disk) Resize(size int64) error {
 		return fmt.Errorf("volume: %s is a snapshot: %w", h.name, syscall.EROFS)
 	}
 	_, err := h.v.ResizeDisk(h.name, size)
+	if err == nil {
+		h.d.touch()
+	}
 	switch {
 	case errors.Is(err, ErrShrink) || errors.Is(err, ErrBadSize):
 		return fmt.Errorf("%w: %w", syscall.EINVAL, err)
@@ -298,6 +309,7 @@ func (h *Disk) modifySector(sector uint64, in int, data []byte, n int, sc *scrat
 			if err := st.Discard(h.tree, sector, 1); err != nil {
 				return h.ioErr("discard", err)
 			}
+			h.d.touch()
 			return nil
 		}
 	} else {
@@ -341,6 +353,7 @@ func (h *Disk) writeSectors(p []byte, first uint64, sc *scratch) error {
 	if err := st.Publish(h.tree, first, blocks, fresh); err != nil {
 		return h.ioErr("write", err)
 	}
+	h.d.touch()
 	return nil
 }
 
@@ -382,6 +395,7 @@ func (h *Disk) Discard(off, length int64) error {
 		if err != nil {
 			return h.ioErr("discard", err)
 		}
+		h.d.touch()
 	}
 	return nil
 }

@@ -363,14 +363,28 @@ func (v *Volume) ResetDisk(diskName, snapName string) (*DiskInfo, error) {
 	if err != nil {
 		return nil, err
 	}
+	var r diskRecord
 	err = v.st.Apply(func(tx *snapshots.Tx) error {
 		return tx.Replace(snapshots.TreeID(d.rec.Tree), snapshots.TreeID(s.rec.Tree))
-	}, billExtra(pb, func() map[string]bool { return v.keysInUse("") }, nil))
+	}, billExtra(pb, func() map[string]bool { return v.keysInUse("") }, v.recordModified(d, &r)))
 	if err != nil {
 		return nil, fmt.Errorf("volume: reset disk %s to %s: %w", diskName, snapName, err)
 	}
+	d.setRec(r)
 	di := v.info(d)
 	return &di, nil
+}
+
+// recordModified is a transaction's part that records in *r, d's record
+// with the time now as its modification time, for an operation that
+// replaces the disk's content; the caller sets d's record to *r once the
+// transaction is committed (v.mu held).
+func (v *Volume) recordModified(d *disk, r *diskRecord) func(tx *bolt.Tx) error {
+	return func(tx *bolt.Tx) error {
+		*r = d.rec
+		r.Modified = time.Now().UTC()
+		return v.putRecord(tx, r)
+	}
 }
 
 // ReInitDisk returns a disk to the state it was created in (ReInitDisk):
@@ -390,15 +404,17 @@ func (v *Volume) ReInitDisk(diskName string) (*DiskInfo, error) {
 	if err != nil {
 		return nil, err
 	}
+	var r diskRecord
 	err = v.st.Apply(func(tx *snapshots.Tx) error {
 		if d.rec.OriginTree != 0 {
 			return tx.Replace(snapshots.TreeID(d.rec.Tree), snapshots.TreeID(d.rec.OriginTree))
 		}
 		return tx.Clear(snapshots.TreeID(d.rec.Tree))
-	}, billExtra(pb, func() map[string]bool { return v.keysInUse("") }, nil))
+	}, billExtra(pb, func() map[string]bool { return v.keysInUse("") }, v.recordModified(d, &r)))
 	if err != nil {
 		return nil, fmt.Errorf("volume: re-initialize disk %s: %w", diskName, err)
 	}
+	d.setRec(r)
 	di := v.info(d)
 	return &di, nil
 }

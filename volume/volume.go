@@ -71,6 +71,10 @@ type diskRecord struct {
 	SourceType string    `json:"source_type"`
 	Source     string    `json:"source,omitempty"`
 	Created    time.Time `json:"created"`
+	// Modified is when the disk's content last changed (a write, discard
+	// or growth through the mount, a reset, a re-init) as last recorded;
+	// zero until then. See disk.modified.
+	Modified   time.Time `json:"modified,omitzero"`
 	Tree       uint64    `json:"tree"`
 	OriginTree uint64    `json:"origin_tree,omitempty"` // the source's content, for ReInitDisk
 }
@@ -111,12 +115,41 @@ type disk struct {
 	snap     *snapshot      // the snapshot a view shows; nil for a disk
 	rmw      [64]sync.Mutex // serialises read-modify-write of partial sectors
 	size     atomic.Int64   // rec.Size, read by the data path without v.mu
+	// modified is when the data path last changed the disk's content, in
+	// Unix nanoseconds (0: not since the volume was opened). It is
+	// recorded in rec.Modified with the next update of the record, when
+	// the last writer closes the disk, and when the volume is closed: a
+	// crash can lose the time of writes since then, never data.
+	modified atomic.Int64
 }
 
 // setRec replaces d's record (v.mu held).
 func (d *disk) setRec(r diskRecord) {
 	d.rec = r
 	d.size.Store(r.Size)
+}
+
+// touch notes that the disk's content changed now.
+func (d *disk) touch() { d.modified.Store(time.Now().UnixNano()) }
+
+// modTime is when the disk's content last changed: its creation if never
+// (v.mu held).
+func (d *disk) modTime() time.Time {
+	if n := d.modified.Load(); n != 0 {
+		if t := time.Unix(0, n).UTC(); t.After(d.rec.Modified) {
+			return t
+		}
+	}
+	if !d.rec.Modified.IsZero() {
+		return d.rec.Modified
+	}
+	return d.rec.Created
+}
+
+// unrecorded reports whether d.modified is newer than its record (v.mu held).
+func (d *disk) unrecorded() bool {
+	n := d.modified.Load()
+	return n != 0 && time.Unix(0, n).After(d.rec.Modified)
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -408,7 +441,29 @@ func (v *Volume) Close() error {
 		close(v.stopSync)
 		<-v.syncDone
 	}
-	err := v.st.Commit(nil)
+	v.mu.Lock()
+	var recs []diskRecord
+	for _, d := range v.disks {
+		if d.unrecorded() {
+			r := d.rec
+			r.Modified = d.modTime()
+			recs = append(recs, r)
+		}
+	}
+	v.mu.Unlock()
+	var extra func(tx *bolt.Tx) error
+	if len(recs) > 0 {
+		// The time of the last writes, in the final commit.
+		extra = func(tx *bolt.Tx) error {
+			for i := range recs {
+				if err := v.putRecord(tx, &recs[i]); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+	}
+	err := v.st.Commit(extra)
 	v.mu.Lock()
 	for _, d := range v.disks {
 		d.wipeKey()
@@ -513,7 +568,7 @@ func (v *Volume) info(d *disk) DiskInfo {
 	di := DiskInfo{
 		ID: r.ID, Name: r.Name, Size: r.Size, Category: r.Category, Role: r.Role,
 		Encrypted: r.Encrypted, KMSKeyID: r.KMSKeyID, Status: r.Status,
-		SourceType: r.SourceType, Source: r.Source, Created: r.Created,
+		SourceType: r.SourceType, Source: r.Source, Created: r.Created, Modified: d.modTime(),
 		Allocated: int64(v.st.Mapped(snapshots.TreeID(r.Tree))) * SectorSize,
 	}
 	di.OpenBy = v.openers(d)
@@ -749,6 +804,7 @@ func (v *Volume) ShowDisk(name string) (*DiskInfo, error) {
 // change if that fails. v.mu held.
 func (v *Volume) update(d *disk, f func(r *diskRecord)) error {
 	r := d.rec
+	r.Modified = d.modTime()
 	f(&r)
 	if err := v.st.Apply(func(*snapshots.Tx) error { return nil },
 		func(tx *bolt.Tx) error { return v.putRecord(tx, &r) }); err != nil {

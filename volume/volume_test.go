@@ -18,6 +18,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 	"unsafe"
 
 	"github.com/encdisk/encdisk/snapshots"
@@ -631,4 +632,95 @@ func TestWriteBehind(t *testing.T) {
 	a = open("a")
 	defer a.Close()
 	check("1 MiB write with write-behind off", write(a, 0, 1<<20))
+}
+
+// TestDiskModified: a disk's modification time follows changes to its
+// content (writes, discards, growth, a reset), is the creation time before
+// any, and is recorded when the last writer closes the disk and when the
+// volume is closed, so a reopen shows the same time.
+func TestDiskModified(t *testing.T) {
+	tv := newTestVol(t, true)
+	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	show := func() *DiskInfo {
+		t.Helper()
+		di, err := tv.v.ShowDisk("d")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return di
+	}
+	created := show().Created
+	if m := show().Modified; !m.Equal(created) {
+		t.Fatalf("modified %v before any write, want the creation time %v", m, created)
+	}
+	// changed runs change and checks that it moved the time to when it ran.
+	changed := func(what string, change func()) time.Time {
+		t.Helper()
+		before := time.Now()
+		change()
+		after := time.Now()
+		m := show().Modified
+		if m.Before(before.Truncate(time.Microsecond)) || m.After(after) {
+			t.Fatalf("after %s: modified %v, want between %v and %v", what, m, before, after)
+		}
+		return m
+	}
+	// A reader changes nothing.
+	tv.read("d")
+	if m := show().Modified; !m.Equal(created) {
+		t.Fatalf("modified %v after a read, want %v", m, created)
+	}
+	m := changed("a write", func() { tv.write("d", 4096, fill(1, 4096)) })
+	tv.v.mu.Lock()
+	rec := tv.v.disks["d"].rec.Modified
+	tv.v.mu.Unlock()
+	if !rec.Equal(m) {
+		t.Fatalf("after the writer closed: recorded %v, want %v", rec, m)
+	}
+	tv.reopen(true)
+	if got := show().Modified; !got.Equal(m) {
+		t.Fatalf("after a reopen: modified %v, want %v", got, m)
+	}
+
+	h, err := tv.v.OpenDisk("d", true, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m = changed("a discard", func() {
+		if err := h.Discard(0, 8192); err != nil {
+			t.Fatal(err)
+		}
+	})
+	m = changed("a growth", func() {
+		if err := h.Resize(2 << 20); err != nil {
+			t.Fatal(err)
+		}
+	})
+	m = changed("a write", func() {
+		if _, err := h.WriteAt(fill(2, 100), 10); err != nil {
+			t.Fatal(err)
+		}
+	})
+	tv.reopen(true) // still open: recorded by the volume's close
+	if got := show().Modified; !got.Equal(m) {
+		t.Fatalf("after closing the volume with the disk open: modified %v, want %v", got, m)
+	}
+
+	if _, err := tv.v.CreateSnapshot("d", "s"); err != nil {
+		t.Fatal(err)
+	}
+	if got := show().Modified; !got.Equal(m) {
+		t.Fatalf("a snapshot changed the disk's modification time: %v, want %v", got, m)
+	}
+	m = changed("a reset", func() {
+		if _, err := tv.v.ResetDisk("d", "s"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	tv.reopen(true)
+	if got := show().Modified; !got.Equal(m) {
+		t.Fatalf("after a reset and a reopen: modified %v, want %v", got, m)
+	}
 }
