@@ -61,7 +61,8 @@
 //     cannot have fails with its error: a volume's disks are whole 4 KiB
 //     sectors, so truncate -s +100 (or a fallocate growing the disk to an
 //     end that is not a multiple of 4096) fails with EINVAL.
-//   - chmod, chown: EPERM. utimes: accepted and ignored.
+//   - chmod, chown: EPERM, of the disks, the snapshots and the directories
+//     alike. utimes: accepted and ignored (touch of the mount point works).
 //   - create, mknod, mkdir, symlink, link, unlink, rmdir, rename: EPERM at
 //     the root, EROFS under .snapshots, each with a log line. Disks and
 //     snapshots are made and removed with the encdisk command.

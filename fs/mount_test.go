@@ -472,6 +472,37 @@ func TestNoNamespaceChanges(t *testing.T) {
 	}
 }
 
+// TestDirectorySetattr: the directories refuse chmod and chown with EPERM,
+// as the disk files do, and accept utimes (touch of the mount point).
+func TestDirectorySetattr(t *testing.T) {
+	m := testMount(t)
+	m.b.add("d", 1<<20)
+	m.b.snapshot("d", "s1")
+	for _, dir := range []string{m.dir, m.path(".snapshots"), m.path(".snapshots", "d")} {
+		if err := os.Chmod(dir, 0700); !errors.Is(err, syscall.EPERM) {
+			t.Errorf("chmod %s: %v, want EPERM", dir, err)
+		}
+		if err := os.Chown(dir, 1, 1); !errors.Is(err, syscall.EPERM) {
+			t.Errorf("chown %s: %v, want EPERM", dir, err)
+		}
+		now := time.Now()
+		if err := os.Chtimes(dir, now, now); err != nil {
+			t.Errorf("utimes %s: %v, want success", dir, err)
+		}
+		fi, err := os.Stat(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		if want := map[bool]os.FileMode{true: 0755, false: 0555}[dir == m.dir]; fi.Mode() != os.ModeDir|want || st.Uid != 0 || st.Gid != 0 {
+			t.Errorf("stat %s after refused changes: mode %v uid %d gid %d", dir, fi.Mode(), st.Uid, st.Gid)
+		}
+	}
+	if l := m.log.String(); !strings.Contains(l, "chmod / refused") || !strings.Contains(l, "chown .snapshots/d refused") {
+		t.Errorf("refusals not logged:\n%s", l)
+	}
+}
+
 func TestSnapshotsReadOnly(t *testing.T) {
 	m := testMount(t)
 	s := m.b.add("d", 1<<20)

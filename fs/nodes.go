@@ -4,6 +4,7 @@ import (
 	"context"
 	"hash/fnv"
 	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -101,6 +102,26 @@ func (d *dirBase) Rename(ctx context.Context, name string, newParent gofs.InodeE
 	return d.refuse("rename", name)
 }
 
+// setattr is chmod, chown and utimes of a directory: like the disk files,
+// mode and owner changes are refused with EPERM, times are accepted and
+// ignored (touch of the mount point succeeds). The caller replies with
+// the directory's attributes.
+func (d *dirBase) setattr(in *fuse.SetAttrIn) syscall.Errno {
+	name := strings.TrimSuffix(d.path, "/")
+	if name == "" {
+		name = "/"
+	}
+	if _, ok := in.GetMode(); ok {
+		return d.m.refuse("chmod", name, syscall.EPERM, "the mount's directories are always 0755 (.snapshots 0555)")
+	}
+	_, uok := in.GetUID()
+	_, gok := in.GetGID()
+	if uok || gok {
+		return d.m.refuse("chown", name, syscall.EPERM, "the mount's directories are owned by root")
+	}
+	return 0
+}
+
 func dirAttr(a *fuse.Attr, ino uint64, mode uint32) {
 	a.Ino = ino
 	a.Mode = syscall.S_IFDIR | mode
@@ -134,6 +155,7 @@ var (
 	_ = (gofs.NodeLookuper)((*rootNode)(nil))
 	_ = (gofs.NodeReaddirer)((*rootNode)(nil))
 	_ = (gofs.NodeGetattrer)((*rootNode)(nil))
+	_ = (gofs.NodeSetattrer)((*rootNode)(nil))
 	_ = (gofs.NodeStatfser)((*rootNode)(nil))
 	_ = (gofs.NodeCreater)((*rootNode)(nil))
 	_ = (gofs.NodeUnlinker)((*rootNode)(nil))
@@ -144,6 +166,13 @@ var (
 func (r *rootNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	dirAttr(&out.Attr, fuse.FUSE_ROOT_ID, 0755)
 	return 0
+}
+
+func (r *rootNode) Setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if errno := r.setattr(in); errno != 0 {
+		return errno
+	}
+	return r.Getattr(ctx, f, out)
 }
 
 func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
@@ -195,6 +224,7 @@ var (
 	_ = (gofs.NodeLookuper)((*snapRootNode)(nil))
 	_ = (gofs.NodeReaddirer)((*snapRootNode)(nil))
 	_ = (gofs.NodeGetattrer)((*snapRootNode)(nil))
+	_ = (gofs.NodeSetattrer)((*snapRootNode)(nil))
 	_ = (gofs.NodeStatfser)((*snapRootNode)(nil))
 	_ = (gofs.NodeUnlinker)((*snapRootNode)(nil))
 )
@@ -202,6 +232,13 @@ var (
 func (s *snapRootNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	dirAttr(&out.Attr, inoOf(snapshotsDir), 0555)
 	return 0
+}
+
+func (s *snapRootNode) Setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if errno := s.setattr(in); errno != 0 {
+		return errno
+	}
+	return s.Getattr(ctx, f, out)
 }
 
 func (s *snapRootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
@@ -242,6 +279,7 @@ var (
 	_ = (gofs.NodeLookuper)((*snapDirNode)(nil))
 	_ = (gofs.NodeReaddirer)((*snapDirNode)(nil))
 	_ = (gofs.NodeGetattrer)((*snapDirNode)(nil))
+	_ = (gofs.NodeSetattrer)((*snapDirNode)(nil))
 	_ = (gofs.NodeStatfser)((*snapDirNode)(nil))
 	_ = (gofs.NodeCreater)((*snapDirNode)(nil))
 )
@@ -249,6 +287,13 @@ var (
 func (s *snapDirNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	dirAttr(&out.Attr, inoOf(snapshotsDir, s.disk), 0555)
 	return 0
+}
+
+func (s *snapDirNode) Setattr(ctx context.Context, f gofs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if errno := s.setattr(in); errno != 0 {
+		return errno
+	}
+	return s.Getattr(ctx, f, out)
 }
 
 func (s *snapDirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
