@@ -53,7 +53,8 @@
 //     punch-holes, so fstrim in a file system on it gives space back.
 //   - lseek SEEK_DATA, SEEK_HOLE: Disk.SeekData, Disk.SeekHole.
 //   - stat: st_size is the disk size, st_blocks is Allocated/512 rounded up,
-//     st_blksize is 4096, mtime is the Backend's ModTime.
+//     st_blksize is 4096, mtime is the Backend's ModTime. The directories'
+//     times are the time of the mount.
 //   - truncate, ftruncate: to a larger size grows the disk (Resize, the
 //     ResizeDisk operation); to the same size succeeds; to a smaller size
 //     fails with EINVAL, as ftruncate of a block device does. That includes

@@ -155,7 +155,7 @@ func Mount(mountpoint string, b Backend, o Options) (*Server, error) {
 	if o.MaxBackground <= 0 {
 		o.MaxBackground = defaultMaxBackground
 	}
-	m := &mount{b: b, o: o, log: o.Logger, open: make(map[*handle]struct{})}
+	m := &mount{b: b, o: o, log: o.Logger, started: time.Now(), open: make(map[*handle]struct{})}
 	zero := time.Duration(0)
 	attr := o.AttrTimeout
 	mopts := fuse.MountOptions{
@@ -243,6 +243,9 @@ type mount struct {
 	b   Backend
 	o   Options
 	log *log.Logger
+
+	// started is when the mount was made: the times of its directories.
+	started time.Time
 
 	mu   sync.Mutex
 	open map[*handle]struct{}

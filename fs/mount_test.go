@@ -472,6 +472,28 @@ func TestNoNamespaceChanges(t *testing.T) {
 	}
 }
 
+// TestDirectoryTimes: the directories carry the time of the mount, not
+// the epoch.
+func TestDirectoryTimes(t *testing.T) {
+	before := time.Now()
+	m := testMount(t)
+	after := time.Now()
+	m.b.add("d", 1<<20)
+	m.b.snapshot("d", "s1")
+	for _, dir := range []string{m.dir, m.path(".snapshots"), m.path(".snapshots", "d")} {
+		fi, err := os.Stat(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		for what, ts := range map[string]syscall.Timespec{"mtime": st.Mtim, "atime": st.Atim, "ctime": st.Ctim} {
+			if got := time.Unix(ts.Unix()); got.Before(before) || got.After(after) {
+				t.Errorf("%s of %s = %v, want the mount's time, between %v and %v", what, dir, got, before, after)
+			}
+		}
+	}
+}
+
 // TestDirectorySetattr: the directories refuse chmod and chown with EPERM,
 // as the disk files do, and accept utimes (touch of the mount point).
 func TestDirectorySetattr(t *testing.T) {

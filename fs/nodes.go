@@ -122,11 +122,14 @@ func (d *dirBase) setattr(in *fuse.SetAttrIn) syscall.Errno {
 	return 0
 }
 
-func dirAttr(a *fuse.Attr, ino uint64, mode uint32) {
+// dirAttr describes a directory. Its times are those of the mount: the
+// directories are made by it, and nothing changes them.
+func (m *mount) dirAttr(a *fuse.Attr, ino uint64, mode uint32) {
 	a.Ino = ino
 	a.Mode = syscall.S_IFDIR | mode
 	a.Nlink = 2
 	a.Blksize = blockSize
+	a.SetTimes(&m.started, &m.started, &m.started)
 }
 
 // inoOf gives every path a stable inode number, so that go-fuse finds the
@@ -164,7 +167,7 @@ var (
 )
 
 func (r *rootNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	dirAttr(&out.Attr, fuse.FUSE_ROOT_ID, 0755)
+	r.m.dirAttr(&out.Attr, fuse.FUSE_ROOT_ID, 0755)
 	return 0
 }
 
@@ -179,7 +182,7 @@ func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 	if name == snapshotsDir {
 		n := &snapRootNode{dirBase: dirBase{base: r.base, errno: syscall.EROFS, path: snapshotsDir + "/"}}
 		ino := inoOf(snapshotsDir)
-		dirAttr(&out.Attr, ino, 0555)
+		r.m.dirAttr(&out.Attr, ino, 0555)
 		return r.NewInode(ctx, n, gofs.StableAttr{Mode: syscall.S_IFDIR, Ino: ino}), 0
 	}
 	e, err := r.m.b.Stat(name)
@@ -230,7 +233,7 @@ var (
 )
 
 func (s *snapRootNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	dirAttr(&out.Attr, inoOf(snapshotsDir), 0555)
+	s.m.dirAttr(&out.Attr, inoOf(snapshotsDir), 0555)
 	return 0
 }
 
@@ -252,7 +255,7 @@ func (s *snapRootNode) Lookup(ctx context.Context, name string, out *fuse.EntryO
 	}
 	n := &snapDirNode{dirBase: dirBase{base: s.base, errno: syscall.EROFS, path: snapshotsDir + "/" + name + "/"}, disk: name}
 	ino := inoOf(snapshotsDir, name)
-	dirAttr(&out.Attr, ino, 0555)
+	s.m.dirAttr(&out.Attr, ino, 0555)
 	return s.NewInode(ctx, n, gofs.StableAttr{Mode: syscall.S_IFDIR, Ino: ino}), 0
 }
 
@@ -285,7 +288,7 @@ var (
 )
 
 func (s *snapDirNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	dirAttr(&out.Attr, inoOf(snapshotsDir, s.disk), 0555)
+	s.m.dirAttr(&out.Attr, inoOf(snapshotsDir, s.disk), 0555)
 	return 0
 }
 
