@@ -524,7 +524,9 @@ func (v *Volume) updateBilled(d *disk, pb *pendingBill, f func(r *diskRecord)) e
 		return v.update(d, f)
 	}
 	r := d.rec
-	r.Modified = d.modTime()
+	if d.unrecorded() {
+		r.Modified = d.modTime()
+	}
 	f(&r)
 	if err := v.st.Apply(func(*snapshots.Tx) error { return nil },
 		billExtra(pb, func() map[string]bool { return v.keysInUse("") },

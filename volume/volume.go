@@ -804,7 +804,9 @@ func (v *Volume) ShowDisk(name string) (*DiskInfo, error) {
 // change if that fails. v.mu held.
 func (v *Volume) update(d *disk, f func(r *diskRecord)) error {
 	r := d.rec
-	r.Modified = d.modTime()
+	if d.unrecorded() {
+		r.Modified = d.modTime()
+	}
 	f(&r)
 	if err := v.st.Apply(func(*snapshots.Tx) error { return nil },
 		func(tx *bolt.Tx) error { return v.putRecord(tx, &r) }); err != nil {
