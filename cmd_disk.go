@@ -33,7 +33,7 @@ func diskCommand() *cli.Command {
 				ArgsUsage: "VOL NAME",
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "size", Usage: "disk `SIZE`, e.g. 20GiB, 512MiB, 1TB (rounded up to a multiple of 4 KiB; default with --snapshot/--image: the source's size)"},
-					&cli.StringFlag{Name: "category", Usage: "`CATEGORY`: cloud_essd, cloud_ssd, cloud_efficiency, cloud or local (default: config's [defaults] category, else cloud_essd)"},
+					&cli.StringFlag{Name: "category", Usage: "`CATEGORY`: " + volume.Categories + " (default: config's [defaults] category, else cloud_essd)"},
 					&cli.BoolFlag{Name: "system", Usage: "a system disk (default: a data disk)"},
 					&cli.BoolFlag{Name: "encrypted", Usage: "encrypt the disk (with the region's service key alias/acs/ecs, or the default-encryption key, unless --kms-key-id); --encrypted=false asks for an unencrypted disk, refused while default encryption is on"},
 					&cli.StringFlag{Name: "kms-key-id", Usage: "encrypt with the customer key `KEY` (an id or alias/NAME; implies --encrypted)"},
@@ -161,7 +161,7 @@ func runDiskCreate(c *cli.Context) error {
 		return usageErrorf("give --snapshot or --image, not both")
 	}
 	if c.IsSet("category") && !volume.IsCategory(o.Category) {
-		return usageErrorf("--category %s: use cloud_essd, cloud_ssd, cloud_efficiency, cloud or local", o.Category)
+		return usageErrorf("--category %s: use %s", o.Category, volume.Categories)
 	}
 	switch {
 	case c.IsSet("size"):

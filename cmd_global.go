@@ -132,7 +132,7 @@ func checkConfigValues(cfg *config.Config) error {
 		return fmt.Errorf("config %s: region %q is not a region: use 2 to 40 lower-case letters, digits and '-', like %s", cfg.Path, cfg.Region, defaultRegion)
 	}
 	if c := cfg.Defaults.Category; c != "" && !volume.IsCategory(c) {
-		return fmt.Errorf("config %s: [defaults] category %q is not a category: use cloud_essd, cloud_ssd, cloud_efficiency, cloud or local", cfg.Path, c)
+		return fmt.Errorf("config %s: [defaults] category %q is not a category: use %s", cfg.Path, c, volume.Categories)
 	}
 	return nil
 }

@@ -17,6 +17,9 @@ const (
 	CategoryLocal      = "local"
 )
 
+// Categories names every category, for messages that list them.
+const Categories = "cloud_essd, cloud_ssd, cloud_efficiency, cloud or local"
+
 // Disk statuses, as the cloud names them.
 const (
 	StatusAvailable = "Available" // detached
@@ -146,8 +149,8 @@ type DiskInfo struct {
 	SourceType string    `json:"source_type"` // "blank", "snapshot" or "image"
 	Source     string    `json:"source,omitempty"`
 	Created    time.Time `json:"created"`
-	// Modified is when the content last changed (written, discarded or
-	// grown through the mount, reset, re-initialized); Created if never.
+	// Modified is when the content last changed (written or discarded
+	// through the mount, grown, reset, re-initialized); Created if never.
 	Modified time.Time `json:"modified"`
 	OpenBy   []string  `json:"open_by,omitempty"` // while mounted: who has it open
 

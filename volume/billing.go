@@ -523,10 +523,7 @@ func (v *Volume) updateBilled(d *disk, pb *pendingBill, f func(r *diskRecord)) e
 	if pb == nil {
 		return v.update(d, f)
 	}
-	r := d.rec
-	if d.unrecorded() {
-		r.Modified = d.modTime()
-	}
+	r := d.current()
 	f(&r)
 	if err := v.st.Apply(func(*snapshots.Tx) error { return nil },
 		billExtra(pb, func() map[string]bool { return v.keysInUse("") },

@@ -81,7 +81,7 @@ func (h *Disk) Close() error {
 	if h.d.readonly && len(h.d.opens) == 0 {
 		h.d.wipeKey() // a snapshot view holds its key only while open
 	}
-	if h.writable && !h.d.readonly && len(h.d.opens) == 0 && h.d.unrecorded() && !h.v.closed && h.v.disks[h.d.rec.Name] == h.d {
+	if len(h.d.opens) == 0 && h.d.unrecorded() && !h.v.closed && h.v.disks[h.d.rec.Name] == h.d {
 		// The last writer is gone: record when it last changed the disk.
 		// What fails here is left to the next update of the record or
 		// the volume's close.
@@ -109,9 +109,6 @@ func (h *Disk) Resize(size int64) error {
 		return fmt.Errorf("volume: %s is a snapshot: %w", h.name, syscall.EROFS)
 	}
 	_, err := h.v.ResizeDisk(h.name, size)
-	if err == nil {
-		h.d.touch()
-	}
 	switch {
 	case errors.Is(err, ErrShrink) || errors.Is(err, ErrBadSize):
 		return fmt.Errorf("%w: %w", syscall.EINVAL, err)

@@ -71,8 +71,8 @@ type diskRecord struct {
 	SourceType string    `json:"source_type"`
 	Source     string    `json:"source,omitempty"`
 	Created    time.Time `json:"created"`
-	// Modified is when the disk's content last changed (a write, discard
-	// or growth through the mount, a reset, a re-init) as last recorded;
+	// Modified is when the disk's content last changed (a write or discard
+	// through the mount, a growth, a reset, a re-init) as last recorded;
 	// zero until then. See disk.modified.
 	Modified   time.Time `json:"modified,omitzero"`
 	Tree       uint64    `json:"tree"`
@@ -150,6 +150,16 @@ func (d *disk) modTime() time.Time {
 func (d *disk) unrecorded() bool {
 	n := d.modified.Load()
 	return n != 0 && time.Unix(0, n).After(d.rec.Modified)
+}
+
+// current is d's record with the data path's latest modification time in
+// it, what an update of the record stores (v.mu held).
+func (d *disk) current() diskRecord {
+	r := d.rec
+	if d.unrecorded() {
+		r.Modified = d.modTime()
+	}
+	return r
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -445,9 +455,7 @@ func (v *Volume) Close() error {
 	var recs []diskRecord
 	for _, d := range v.disks {
 		if d.unrecorded() {
-			r := d.rec
-			r.Modified = d.modTime()
-			recs = append(recs, r)
+			recs = append(recs, d.current())
 		}
 	}
 	v.mu.Unlock()
@@ -617,7 +625,7 @@ func IsCategory(c string) bool { return categories[c] }
 // checkRules applies the cloud's encryption rules (SPEC section 3) to a new disk.
 func checkRules(o *CreateDiskOptions) error {
 	if !categories[o.Category] {
-		return fmt.Errorf("%w: unknown category %q (use cloud_essd, cloud_ssd, cloud_efficiency, cloud or local)", ErrRule, o.Category)
+		return fmt.Errorf("%w: unknown category %q (use %s)", ErrRule, o.Category, Categories)
 	}
 	if !o.Encrypted {
 		return nil
@@ -803,10 +811,7 @@ func (v *Volume) ShowDisk(name string) (*DiskInfo, error) {
 // setStatus persists d's catalogue entry after f changed it, undoing f's
 // change if that fails. v.mu held.
 func (v *Volume) update(d *disk, f func(r *diskRecord)) error {
-	r := d.rec
-	if d.unrecorded() {
-		r.Modified = d.modTime()
-	}
+	r := d.current()
 	f(&r)
 	if err := v.st.Apply(func(*snapshots.Tx) error { return nil },
 		func(tx *bolt.Tx) error { return v.putRecord(tx, &r) }); err != nil {
@@ -924,7 +929,9 @@ func (v *Volume) ResizeDisk(name string, size int64) (*DiskInfo, error) {
 		if err != nil {
 			return nil, err
 		}
-		if err := v.updateBilled(d, pb, func(r *diskRecord) { r.Size = size }); err != nil {
+		// Growing changes the content the disk shows: its modification
+		// time too, in the same transaction.
+		if err := v.updateBilled(d, pb, func(r *diskRecord) { r.Size, r.Modified = size, time.Now().UTC() }); err != nil {
 			return nil, fmt.Errorf("volume: resize disk %s: %w", name, err)
 		}
 	}
