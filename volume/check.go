@@ -356,7 +356,6 @@ func checkSnapDirs(dir string, recs []snapRecord, rep *CheckReport, write func(*
 	for i := range recs {
 		r := &recs[i]
 		known[r.ID] = true
-		want, _ := json.MarshalIndent(r, "", "  ")
 		p := filepath.Join(root, r.ID, "snapshot.json")
 		b, err := os.ReadFile(p)
 		var prob *snapshots.Problem
@@ -366,11 +365,8 @@ func checkSnapDirs(dir string, recs []snapRecord, rep *CheckReport, write func(*
 		case err != nil:
 			prob = rep.add(ProblemSnapshotDir, fixable, "snapshot %s: %v", r.Name, err)
 		default:
-			var got snapRecord
-			if json.Unmarshal(b, &got) != nil {
-				prob = rep.add(ProblemSnapshotDir, fixable, "snapshot %s: %s does not decode", r.Name, p)
-			} else if g, _ := json.MarshalIndent(&got, "", "  "); !bytes.Equal(g, want) {
-				prob = rep.add(ProblemSnapshotDir, fixable, "snapshot %s: %s differs from the catalogue", r.Name, p)
+			if why := recordFileProblem(b, r); why != "" {
+				prob = rep.add(ProblemSnapshotDir, fixable, "snapshot %s: %s %s", r.Name, p, why)
 			}
 		}
 		if prob != nil && repair && write != nil {

@@ -1,7 +1,6 @@
 package volume
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -282,7 +281,7 @@ func (v *Volume) reconcileImages() error {
 		switch {
 		case err != nil:
 			v.logf("image %s: directory missing; rewriting it from the catalogue", im.rec.Name)
-		case !fileHolds(b, &im.rec):
+		case recordFileProblem(b, &im.rec) != "":
 			// A crash in ShareImage, which writes the file before its
 			// commit, leaves the new record in it.
 			v.logf("image %s: image.json differs from the catalogue; rewriting it from the catalogue", im.rec.Name)
@@ -340,7 +339,6 @@ func (v *Volume) checkImageDirs(rep *CheckReport, repair bool) {
 	for _, im := range v.images {
 		r := &im.rec
 		known[r.ID] = true
-		want, _ := json.MarshalIndent(r, "", "  ")
 		p := filepath.Join(v.imageDir(r.ID), "image.json")
 		b, err := os.ReadFile(p)
 		var prob *snapshots.Problem
@@ -348,11 +346,8 @@ func (v *Volume) checkImageDirs(rep *CheckReport, repair bool) {
 		case err != nil:
 			prob = rep.add(ProblemImageDir, true, "image %s: %v", r.Name, err)
 		default:
-			var got imageRecord
-			if json.Unmarshal(b, &got) != nil {
-				prob = rep.add(ProblemImageDir, true, "image %s: %s does not decode", r.Name, p)
-			} else if g, _ := json.MarshalIndent(&got, "", "  "); !bytes.Equal(g, want) {
-				prob = rep.add(ProblemImageDir, true, "image %s: %s differs from the catalogue", r.Name, p)
+			if why := recordFileProblem(b, r); why != "" {
+				prob = rep.add(ProblemImageDir, true, "image %s: %s %s", r.Name, p, why)
 			}
 		}
 		if prob != nil && repair {

@@ -139,7 +139,7 @@ func (v *Volume) reconcileSnapDirs() {
 		case err != nil:
 			v.logf("snapshot %s: directory missing; rewriting it from the catalogue", s.rec.Name)
 			v.openFixes = append(v.openFixes, fmt.Sprintf("snapshot %s: directory %s was missing: rewritten from the catalogue", s.rec.Name, id))
-		case !fileHolds(b, &s.rec):
+		case recordFileProblem(b, &s.rec) != "":
 			// A crash in RewrapSnapshot, which writes the file before
 			// its commit, leaves the new record in it.
 			v.logf("snapshot %s: snapshot.json differs from the catalogue; rewriting it from the catalogue", s.rec.Name)
@@ -153,16 +153,20 @@ func (v *Volume) reconcileSnapDirs() {
 	}
 }
 
-// fileHolds reports whether b, the content of a record's file in its own
-// directory (a snapshot.json or an image.json), decodes to record r.
-func fileHolds[T any](b []byte, r *T) bool {
+// recordFileProblem compares b, the content of a record's file in its own
+// directory (a snapshot.json or an image.json), with record r: "" when it
+// holds r, else what is wrong with it.
+func recordFileProblem[T any](b []byte, r *T) string {
 	var got T
 	if json.Unmarshal(b, &got) != nil {
-		return false
+		return "does not decode"
 	}
 	g, _ := json.Marshal(&got)
 	want, _ := json.Marshal(r)
-	return bytes.Equal(g, want)
+	if !bytes.Equal(g, want) {
+		return "differs from the catalogue"
+	}
+	return ""
 }
 
 func (v *Volume) putSnap(tx *bolt.Tx, r *snapRecord) error {
