@@ -30,6 +30,10 @@ const (
 	// envTestCopyDelay, a duration, slows image transfers down per chunk in
 	// a test build, so that tests can interrupt one halfway.
 	envTestCopyDelay = "ENCDISK_TEST_COPY_DELAY"
+	// envTestCopyStarted, a file, is created in a test build once an image
+	// transfer has done its first chunk, so that tests signal a transfer
+	// known to be underway instead of sleeping and hoping.
+	envTestCopyStarted = "ENCDISK_TEST_COPY_STARTED"
 )
 
 // testHooks is true only in the tests' builds of encdisk: the test binary

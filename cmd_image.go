@@ -559,16 +559,22 @@ func withTransfer(c *cli.Context, what string, call func() error) error {
 }
 
 // slowedForTests slows a transfer down by ENCDISK_TEST_COPY_DELAY per chunk
-// in a test build, so that tests can interrupt it halfway.
+// in a test build, and creates the file ENCDISK_TEST_COPY_STARTED names
+// after the first chunk, so that tests can interrupt it halfway.
 func slowedForTests(t volume.Transfer) volume.Transfer {
-	d, err := time.ParseDuration(testEnv(envTestCopyDelay))
-	if err != nil {
+	d, _ := time.ParseDuration(testEnv(envTestCopyDelay))
+	started := testEnv(envTestCopyStarted)
+	if d <= 0 && started == "" {
 		return t
 	}
 	progress := t.Progress
+	var once sync.Once
 	t.Progress = func(done, total int64) {
 		if progress != nil {
 			progress(done, total)
+		}
+		if started != "" {
+			once.Do(func() { os.WriteFile(started, nil, 0o600) })
 		}
 		time.Sleep(d)
 	}
