@@ -14,6 +14,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/encdisk/encdisk/keystore"
 	"github.com/encdisk/encdisk/volume"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
@@ -455,9 +456,10 @@ func runImageExport(c *cli.Context) error {
 	return nil
 }
 
-// checkExportPath refuses an export into the volume's own directory or into
-// its keystore: with --force the image would replace meta.db, the pool or
-// keystore.json, and every disk or key with it.
+// checkExportPath refuses an export into the volume's own directory or its
+// keystore, or into any other volume or keystore directory: with --force the
+// image would replace meta.db, the pool or keystore.json, and every disk or
+// key with it.
 func checkExportPath(c *cli.Context, vol, name, out, abs string) error {
 	absVol, err := filepath.Abs(vol)
 	if err != nil {
@@ -486,7 +488,19 @@ func checkExportPath(c *cli.Context, vol, name, out, abs string) error {
 			return hint(usageErrorf("image export: --out %s is inside the keystore %s, whose files it could overwrite", out, d))
 		}
 	}
-	return nil
+	// Nor into any other volume or keystore: --force would replace its
+	// meta.db, pool or keystore.json as well.
+	for d := filepath.Dir(resolvePath(abs)); ; d = filepath.Dir(d) {
+		if _, err := volume.ReadInfo(d); err == nil {
+			return hint(usageErrorf("image export: --out %s is inside the encdisk volume %s, whose files it could overwrite", out, d))
+		}
+		if keystore.Exists(d) {
+			return hint(usageErrorf("image export: --out %s is inside the keystore %s, whose files it could overwrite", out, d))
+		}
+		if d == filepath.Dir(d) {
+			return nil
+		}
+	}
 }
 
 func runImageShare(c *cli.Context) error {
