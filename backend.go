@@ -59,7 +59,7 @@ func (b backend) Disks() ([]fs.DiskEntry, error) {
 }
 
 func (b backend) Stat(name string) (fs.DiskEntry, error) {
-	d, err := b.v.ShowDisk(name)
+	d, err := b.v.StatDisk(name)
 	if err != nil {
 		return fs.DiskEntry{}, errno(err)
 	}

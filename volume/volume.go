@@ -571,16 +571,23 @@ func (v *Volume) lookup(name string) (*disk, error) {
 	return d, nil
 }
 
+// info is d's DiskInfo with who has it open (v.mu held).
 func (v *Volume) info(d *disk) DiskInfo {
+	di := v.statInfo(d)
+	di.OpenBy = v.openers(d)
+	return di
+}
+
+// statInfo is info without OpenBy, whose Opener may scan the machine's loop
+// devices: what the mount's stat and readdir need (v.mu held).
+func (v *Volume) statInfo(d *disk) DiskInfo {
 	r := &d.rec
-	di := DiskInfo{
+	return DiskInfo{
 		ID: r.ID, Name: r.Name, Size: r.Size, Category: r.Category, Role: r.Role,
 		Encrypted: r.Encrypted, KMSKeyID: r.KMSKeyID, Status: r.Status,
 		SourceType: r.SourceType, Source: r.Source, Created: r.Created, Modified: d.modTime(),
 		Allocated: int64(v.st.Mapped(snapshots.TreeID(r.Tree))) * SectorSize,
 	}
-	di.OpenBy = v.openers(d)
-	return di
 }
 
 // openers describes who has d open, sorted; nil if no one (v.mu held).
@@ -808,6 +815,20 @@ func (v *Volume) ShowDisk(name string) (*DiskInfo, error) {
 	return &di, nil
 }
 
+// StatDisk is ShowDisk without OpenBy, for a file system's stat: finding who
+// holds a disk open can mean a scan of the machine's loop devices, under
+// the volume's lock.
+func (v *Volume) StatDisk(name string) (*DiskInfo, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	d, err := v.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	di := v.statInfo(d)
+	return &di, nil
+}
+
 // setStatus persists d's catalogue entry after f changed it, undoing f's
 // change if that fails. v.mu held.
 func (v *Volume) update(d *disk, f func(r *diskRecord)) error {
@@ -975,14 +996,15 @@ func (v *Volume) DeleteDisk(name string) (*DiskInfo, error) {
 	return &di, nil
 }
 
-// AttachedDisks lists the attached disks (what the mount shows).
+// AttachedDisks lists the attached disks (what the mount shows), without
+// OpenBy, as StatDisk.
 func (v *Volume) AttachedDisks() []DiskInfo {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	var out []DiskInfo
 	for _, d := range v.disks {
 		if d.rec.Status == StatusInUse {
-			out = append(out, v.info(d))
+			out = append(out, v.statInfo(d))
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })

@@ -724,3 +724,41 @@ func TestDiskModified(t *testing.T) {
 		t.Fatalf("after a reset and a reopen: modified %v, want %v", got, m)
 	}
 }
+
+// The mount's stat and readdir (StatDisk, AttachedDisks) do not ask the
+// Opener, which may scan the machine's loop devices under the volume's
+// lock; ShowDisk does, and says who has the disk open.
+func TestStatDiskSkipsOpener(t *testing.T) {
+	tv := newTestVol(t, false)
+	tv.v.Close()
+	calls := 0
+	v, err := Open(tv.dir, OpenOptions{KMS: func() (KMS, error) { return tv.kms, nil },
+		Opener: func(disk, snapshot, who string) string { calls++; return who + " (described)" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tv.v = v
+	h := tv.newDisk(CreateDiskOptions{Name: "d", Size: 1 << 20})
+	if _, err := h.WriteAt(make([]byte, SectorSize), 0); err != nil {
+		t.Fatal(err)
+	}
+	st, err := v.StatDisk("d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.OpenBy != nil || st.Allocated != SectorSize || st.Size != 1<<20 {
+		t.Errorf("StatDisk = %+v, want no OpenBy, 4 KiB allocated of 1 MiB", st)
+	}
+	if ds := v.AttachedDisks(); len(ds) != 1 || ds[0].OpenBy != nil {
+		t.Errorf("AttachedDisks = %+v, want d without OpenBy", ds)
+	}
+	if calls != 0 {
+		t.Errorf("StatDisk and AttachedDisks called the Opener %d times", calls)
+	}
+	if di, err := v.ShowDisk("d"); err != nil || len(di.OpenBy) != 1 || di.OpenBy[0] != "test (described)" || calls != 1 {
+		t.Errorf("ShowDisk = %+v, %v (Opener called %d times), want OpenBy [test (described)]", di, err, calls)
+	}
+	if _, err := v.StatDisk("nope"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("StatDisk(nope) = %v, want ErrNotFound", err)
+	}
+}
