@@ -174,6 +174,8 @@ func inexactOverlap(x, y []byte) bool {
 	return xs < ys+uintptr(len(y)) && ys < xs+uintptr(len(x))
 }
 
+const wipedMsg = "blockcrypt: use of a wiped or uninitialised Cipher"
+
 // crypt runs XTS over src, any non-zero multiple of 16 bytes, with the tweak
 // for data unit number unit. It is the one entry point of every engine; the
 // tests drive it directly with the 512-byte data units of IEEE P1619.
@@ -182,7 +184,7 @@ func (c *Cipher) crypt(dst, src []byte, unit uint64, decrypt bool) {
 	case implGeneric:
 		xtsGeneric(c.k1, c.k2, dst, src, unit, decrypt)
 	case implNone:
-		panic("blockcrypt: use of a wiped or uninitialised Cipher")
+		panic(wipedMsg)
 	default:
 		c.cryptAsm(dst, src, unit, decrypt)
 	}
@@ -195,6 +197,11 @@ func (c *Cipher) sectors(dst, src []byte, first uint64, decrypt bool) {
 	n := len(src) / SectorSize
 	if n == 0 {
 		return
+	}
+	// Checked here too, before any worker starts: a panic in a worker
+	// goroutine cannot be recovered by the caller and ends the process.
+	if c.impl == implNone {
+		panic(wipedMsg)
 	}
 	threshold := parallelMinAsm
 	if c.impl == implGeneric {

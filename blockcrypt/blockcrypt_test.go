@@ -529,6 +529,13 @@ func TestWipe(t *testing.T) {
 			s := make([]byte, SectorSize)
 			mustPanic(t, "EncryptSector after Wipe", func() { c.EncryptSector(s, s, 0) })
 			mustPanic(t, "DecryptSectors after Wipe", func() { c.DecryptSectors(s, s, 0) })
+			// Large enough to be split over goroutines: the misuse panic
+			// must still reach the caller, not kill the process from a
+			// worker goroutine.
+			big := make([]byte, 2*parallelMinAsm)
+			defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
+			mustPanic(t, "EncryptSectors parallel after Wipe", func() { c.EncryptSectors(big, big, 0) })
+			mustPanic(t, "DecryptSectors parallel after Wipe", func() { c.DecryptSectors(big, big, 0) })
 			c.Wipe() // idempotent
 		})
 	}
