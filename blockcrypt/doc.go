@@ -1,6 +1,9 @@
 // Package blockcrypt is encdisk's sector encryption engine: AES-256 in XTS
-// mode over 4096-byte sectors, the cipher that dm-crypt and LUKS2 call
-// aes-xts-plain64 with sector_size=4096.
+// mode over 4096-byte sectors, the cipher that LUKS2 calls aes-xts-plain64
+// with sector_size=4096. Plain dm-crypt gives the same bytes only with
+// iv_large_sectors (cryptsetup --iv-large-sectors); without it, dm-crypt
+// counts the plain64 tweak in 512-byte units (8 for the second 4 KiB
+// sector), not in sectors as here.
 //
 // A [Cipher] is built once per disk from the disk's 512-bit data key and is
 // then safe for concurrent use by any number of goroutines. It encrypts
