@@ -33,9 +33,9 @@
 // [New] picks the fastest engine the CPU supports, and all of them produce
 // the same bytes:
 //
-//   - vaes512 (amd64 with AVX-512F/BW, VAES and VPCLMULQDQ): four AES blocks
-//     per 512-bit register, 32 blocks in flight, tweaks computed in
-//     registers.
+//   - vaes512 (amd64 with AVX-512F/BW, VAES and VPCLMULQDQ, and AES-NI and
+//     AVX for the initial tweak): four AES blocks per 512-bit register, 32
+//     blocks in flight, tweaks computed in registers.
 //   - aesni (amd64 with AES-NI, PCLMULQDQ and AVX): eight blocks in flight
 //     on 128-bit registers.
 //   - generic (any other CPU, or the purego build tag): crypto/aes through

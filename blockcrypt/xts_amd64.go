@@ -17,9 +17,13 @@ import (
 var (
 	// hasVAES512 needs AVX-512F (zmm registers, VPTERNLOGD, VALIGNQ...),
 	// AVX-512BW (byte shifts of zmm) and the 512-bit VAES and VPCLMULQDQ.
-	// x/sys/cpu already checks that the OS saves the zmm state.
+	// x/sys/cpu already checks that the OS saves the zmm state. The kernel
+	// also encrypts the initial tweak with VEX-encoded AES-NI on an xmm
+	// register, whose CPUID flags are AES and AVX (VAES covers only the
+	// 256- and 512-bit forms).
 	hasVAES512 = cpu.X86.HasAVX512F && cpu.X86.HasAVX512BW &&
-		cpu.X86.HasAVX512VAES && cpu.X86.HasAVX512VPCLMULQDQ
+		cpu.X86.HasAVX512VAES && cpu.X86.HasAVX512VPCLMULQDQ &&
+		cpu.X86.HasAES && cpu.X86.HasAVX
 	// hasAESNI needs PCLMULQDQ for the tweak update and AVX for the VEX
 	// encodings, whose memory operands need no alignment.
 	hasAESNI = cpu.X86.HasAES && cpu.X86.HasPCLMULQDQ && cpu.X86.HasAVX
