@@ -134,7 +134,10 @@ func (c *Cipher) DecryptSectorsSerial(dst, src []byte, firstSector uint64) {
 }
 
 // Wipe zeroes the key material the Cipher holds. The Cipher must not be used
-// afterwards: any further encryption or decryption panics. See the package
+// afterwards: any further encryption or decryption panics. Unlike the other
+// methods, Wipe is not safe to call while another goroutine uses the
+// Cipher: a call already past its check runs on with round keys that are
+// being zeroed and returns wrong output without an error. See the package
 // documentation for what Wipe can and cannot reach.
 func (c *Cipher) Wipe() {
 	clear(c.rk.bytes())
