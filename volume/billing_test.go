@@ -1,7 +1,10 @@
 package volume
 
 import (
+	"bytes"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -215,5 +218,44 @@ func TestRewrap(t *testing.T) {
 	}
 	if _, err := tv.v.RewrapDisk("p", "key-other"); !errors.Is(err, ErrRule) {
 		t.Errorf("rewrap of an unencrypted disk: %v", err)
+	}
+}
+
+// TestRewrapSnapshotFailedWriteKeepsDir: a snapshot re-wrap whose
+// snapshot.json cannot be written (a full file system: the new file, and
+// so also the old one written back, fail) leaves the directory's file as it
+// was. It used to remove it, so that check then failed (snapshot-dir: "is
+// missing") until a repair or a remount.
+func TestRewrapSnapshotFailedWriteKeepsDir(t *testing.T) {
+	tv := newTestVol(t, true)
+	v := tv.v
+	if _, err := v.CreateDisk(CreateDiskOptions{Name: "d", Size: 1 << 20, Encrypted: true}); err != nil {
+		t.Fatal(err)
+	}
+	si, err := v.CreateSnapshot("d", "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(tv.dir, snapshotsDir, si.ID, "snapshot.json")
+	before, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A directory where the temporary file goes: every write fails.
+	if err := os.Mkdir(file+".tmp", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.RewrapSnapshot("s", ""); err == nil {
+		t.Fatal("a re-wrap whose snapshot.json cannot be written succeeded")
+	}
+	if got, err := os.ReadFile(file); err != nil || !bytes.Equal(got, before) {
+		t.Fatalf("snapshot.json after the failed re-wrap: %q, %v; want it unchanged", got, err)
+	}
+	os.Remove(file + ".tmp")
+	if r := tv.check(false); !r.OK() || len(r.All()) != 0 {
+		t.Fatalf("check after the failed re-wrap: %+v", r.All())
+	}
+	if _, err := v.RewrapSnapshot("s", ""); err != nil {
+		t.Fatalf("re-wrap once the file can be written: %v", err)
 	}
 }

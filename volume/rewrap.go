@@ -2,7 +2,6 @@ package volume
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/encdisk/encdisk/snapshots"
 	bolt "go.etcd.io/bbolt"
@@ -104,19 +103,26 @@ func (v *Volume) RewrapSnapshot(name, keyRef string) (*SnapshotInfo, error) {
 	}
 	r := s.rec
 	r.WrappedKey, r.KMSKeyID = wrapped, keyID
+	written := false // snapshot.json holds the new record
 	err = v.st.Apply(func(*snapshots.Tx) error { return nil },
 		billExtra(pb, func() map[string]bool { return v.keysInUse(r.ID, keyID) },
 			func(tx *bolt.Tx) error {
 				if err := v.writeSnapDir(&r); err != nil {
 					return err
 				}
+				written = true
 				return v.putSnap(tx, &r)
 			}))
 	if err != nil {
-		// The directory may hold the new record: write the old one back
-		// (a crash here is repaired from the catalogue at the next open).
-		if werr := v.writeSnapDir(&s.rec); werr != nil {
-			os.Remove(v.snapDir(s.rec.ID) + "/snapshot.json")
+		// If the directory got the new record, write the old one back. If
+		// that fails too (a full file system), the file is left as it is:
+		// the catalogue is authoritative, and check --repair or the next
+		// open rewrites it. Unwritten, it still holds the old record, which
+		// removing it (as this once did) only took away.
+		if written {
+			if werr := v.writeSnapDir(&s.rec); werr != nil {
+				v.logf("snapshot %s: restoring snapshot.json after a failed re-wrap: %v (check --repair or the next open rewrites it)", name, werr)
+			}
 		}
 		return nil, fmt.Errorf("volume: re-wrap snapshot %s: %w", name, err)
 	}
