@@ -246,6 +246,12 @@ type groupCommit struct {
 func (s *Store) Commit(extra func(tx *bolt.Tx) error) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
+	return s.commitLocked(extra, false)
+}
+
+// commitLocked is Commit with commitMu held; gateHeld says the caller holds
+// the I/O gate exclusively (Apply).
+func (s *Store) commitLocked(extra func(tx *bolt.Tx) error, gateHeld bool) error {
 	s.mu.Lock()
 	if s.poisoned != nil {
 		s.mu.Unlock()
@@ -266,18 +272,26 @@ func (s *Store) Commit(extra func(tx *bolt.Tx) error) error {
 		s.mu.Unlock()
 		return err
 	}
+	if gateHeld {
+		s.retire(c)
+		return nil
+	}
 	s.gate.Lock()
 	s.retire(c)
 	s.gate.Unlock()
 	return nil
 }
 
+// metaUpdate is (*bolt.DB).Update; a test replaces it to make commits fail
+// as on a full file system.
+var metaUpdate = (*bolt.DB).Update
+
 func (s *Store) persist(c *changes, extra func(tx *bolt.Tx) error) error {
 	// Data before the metadata that points at it.
 	if err := s.syncPool(); err != nil {
 		return err
 	}
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := metaUpdate(s.db, func(tx *bolt.Tx) error {
 		if err := c.write(tx); err != nil {
 			return err
 		}
@@ -385,16 +399,32 @@ func (s *Store) retire(c *changes) {
 	s.mu.Unlock()
 }
 
-// Apply runs a management operation: with all data I/O drained, op changes
-// trees in memory (through the Tx it is given), then everything is
-// committed together with extra, atomically. If op returns an error it must
-// not have changed anything. If the commit fails after op changed the trees,
-// the store refuses further work until reopened.
+// Apply runs a management operation: with all data I/O drained, the writes
+// pending are committed, then op changes trees in memory (through the Tx it
+// is given), and its changes are committed together with extra, atomically.
+// No I/O runs in between, so a snapshot holds exactly what the first commit
+// made durable. If op returns an error it must not have changed anything.
+// If the second commit fails after op changed existing trees, the store
+// refuses further work until reopened.
 func (s *Store) Apply(op func(tx *Tx) error, extra func(tx *bolt.Tx) error) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
 	s.gate.Lock()
 	defer s.gate.Unlock()
+	// The writes acknowledged so far are committed first, before op
+	// changes anything. When the file system is full it is their metadata
+	// that does not fit, and failing here leaves nothing to take back;
+	// failing with op's changes, which cannot all be undone, would poison
+	// the store, so that a `snapshot delete` run to free space would stop
+	// every disk until a remount.
+	s.mu.Lock()
+	dirty := s.dirtyLocked()
+	s.mu.Unlock()
+	if dirty {
+		if err := s.commitLocked(nil, true); err != nil {
+			return err
+		}
+	}
 	var opErr error
 	tx := &Tx{s: s}
 	err := s.mutate(func() { opErr = op(tx) })

@@ -5,7 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 
 	bolt "go.etcd.io/bbolt"
@@ -678,5 +680,52 @@ func TestNodeCacheBoundedByReads(t *testing.T) {
 	}
 	if n := len(ts.s.nodes); n > maxCachedNodes+levels {
 		t.Errorf("after seeks: %d nodes cached, bound %d", n, maxCachedNodes)
+	}
+}
+
+// TestApplyPendingCommitFailsAlone: on a full file system the metadata of
+// the writes pending since the last commit may not fit. An Apply then (a
+// snapshot delete, run to free space) must fail without changing anything,
+// and leave the store working once the commit fits again: it used to
+// commit the writes together with its op's changes, which cannot be taken
+// back, and so poison the store, every disk's writes and fsyncs failing
+// until a reopen.
+func TestApplyPendingCommitFailsAlone(t *testing.T) {
+	ts := newTestStore(t)
+	var d, snap TreeID
+	ts.apply(func(tx *Tx) error { d = tx.NewTree(); return nil })
+	ts.write(d, 0, []uint64{1, 2})
+	ts.apply(func(tx *Tx) (err error) { snap, err = tx.Clone(d); return err })
+	ts.write(d, 4, []uint64{3}) // pending: a new block and a copied path
+
+	full := &os.PathError{Op: "write", Path: "meta.db", Err: syscall.ENOSPC}
+	failing := true
+	metaUpdate = func(db *bolt.DB, fn func(*bolt.Tx) error) error {
+		if failing {
+			return full
+		}
+		return db.Update(fn)
+	}
+	defer func() { metaUpdate = (*bolt.DB).Update }()
+	if err := ts.s.Apply(func(tx *Tx) error { return tx.Delete(snap) }, nil); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("Apply(Delete) while commits fail: %v, want ENOSPC", err)
+	}
+	if !ts.s.HasTree(snap) {
+		t.Fatal("the snapshot of the failed Apply is gone")
+	}
+	failing = false
+	ts.write(d, 5, []uint64{4})
+	if err := ts.s.Commit(nil); err != nil {
+		t.Fatalf("commit once there is room: %v", err)
+	}
+	ts.check(snap, model{0: 1, 1: 2}, 0, 8)
+	ts.apply(func(tx *Tx) error { return tx.Delete(snap) })
+	ts.crash()
+	ts.check(d, model{0: 1, 1: 2, 4: 3, 5: 4}, 0, 8)
+	if ts.s.HasTree(snap) {
+		t.Fatal("the snapshot deleted once there was room came back")
+	}
+	if rep, err := ts.s.Check(CheckOptions{}); err != nil || !rep.OK() {
+		t.Fatalf("check: %v %v", rep, err)
 	}
 }
