@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/encdisk/encdisk/control"
@@ -319,6 +320,7 @@ var errorKinds = []struct {
 	{keystore.ErrPendingDeletion, "key_pending_deletion"},
 	{keystore.ErrPendingImport, "key_pending_import"},
 	{keystore.ErrServiceKey, "service_key"},
+	{syscall.ENOSPC, "no_space"},
 }
 
 // daemonError is an error the mount daemon reported. It is (errors.Is) the
@@ -443,6 +445,8 @@ func hintFor(err error) string {
 		return fmt.Sprintf("the mount daemon stopped while it ran the command (see %s); an image copy or a half-done change is rolled back when the volume is next opened", filepath.Join(vol, "daemon.log"))
 	case "newer_format":
 		return "this volume was written by a newer encdisk"
+	case "no_space":
+		return fmt.Sprintf("a file system is full (the path above says which): free space on it and retry; on the one holding %s, deleting snapshots, images or disks, or `fstrim` on a disk's file system, gives space back", vol)
 	}
 	var ce *control.Error
 	if errors.As(err, &ce) {
