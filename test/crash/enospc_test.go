@@ -274,3 +274,106 @@ func checkChunk(buf []byte, i int, tag uint64, scratch []byte) error {
 	}
 	return nil
 }
+
+// TestENOSPCPendingCommit fills a 64 MiB tmpfs with scattered writes, one
+// 4 KiB block every 2 MiB of a 16 GiB disk: their data fits, but each
+// changes a block-map node of its own, and their metadata outgrows the
+// room kept in meta.db, so the fsync after them fails with ENOSPC. Then
+// `encdisk snapshot delete`, what a user runs to free space, must fail
+// alone: once space is freed on the host, every disk writes and fsyncs
+// again, without a remount, and keeps what it had fsynced. (It used to
+// commit the pending writes together with the deletion, which it cannot
+// take back, and so stop the volume: EIO on every disk until a remount.)
+func TestENOSPCPendingCommit(t *testing.T) {
+	need(t)
+	dir := t.TempDir()
+	small := filepath.Join(dir, "small")
+	mountDev(t, "tmpfs", small, "-t", "tmpfs", "-o", "size=64m,mode=0700")
+	e := newEnvAt(t, dir, filepath.Join(small, "vol"))
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d", "--size", "16GiB", "--encrypted")
+	e.run("disk", "create", e.vol, "o", "--size", "64MiB", "--encrypted")
+	e.mount()
+
+	o := &chunks{t: t, path: filepath.Join(e.mnt, "o"), expect: map[int]uint64{}}
+	o.open()
+	defer func() { o.f.Close() }()
+	for i := 0; i < 4; i++ {
+		o.mustWrite(i, 1)
+	}
+	o.mustSync("o")
+	e.run("snapshot", "create", e.vol, "o", "s")
+
+	// Leave 20 MiB: room for the 16 MiB of data, not for the 32 MiB of
+	// block-map nodes (8 KiB each in meta.db) beyond the room kept there.
+	var st unix.Statfs_t
+	if err := unix.Statfs(small, &st); err != nil {
+		t.Fatal(err)
+	}
+	ballast := filepath.Join(small, "ballast")
+	if n := int64(st.Bavail)*int64(st.Bsize) - 20<<20; n > 0 {
+		sh(t, "fallocate", "-l", fmt.Sprint(n), ballast)
+	}
+	d, err := os.OpenFile(filepath.Join(e.mnt, "d"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	const n = 4096
+	blk := make([]byte, blockSize)
+	written := 0
+	for i := 0; i < n; i++ {
+		fillBlock(blk, uint64(i)*512, 1)
+		if _, err := d.WriteAt(blk, int64(i)*2<<20); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("scattered write %d: %v, want ENOSPC", i, err)
+			}
+			break
+		}
+		written++
+	}
+	err = d.Sync()
+	t.Logf("%d scattered writes; fsync: %v", written, err)
+	if err != nil && !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("fsync of the scattered writes: %v, want ENOSPC or success", err)
+	}
+	if out, err := e.try("snapshot", "delete", e.vol, "s"); err != nil {
+		t.Logf("snapshot delete on the full file system: %v: %s", err, out)
+	}
+
+	if err := os.Remove(ballast); err != nil {
+		t.Fatal(err)
+	}
+	o.mustWrite(4, 2)
+	o.mustSync("o, after freeing space")
+	if err := d.Sync(); err != nil {
+		t.Fatalf("fsync of d after freeing space: %v", err)
+	}
+	o.verify("o, after freeing space")
+	if _, err := e.try("snapshot", "show", e.vol, "s"); err == nil {
+		e.run("snapshot", "delete", e.vol, "s") // it failed above
+	}
+	scratch := make([]byte, blockSize)
+	check := func(what string) {
+		t.Helper()
+		for i := 0; i < written; i++ {
+			if _, err := d.ReadAt(blk, int64(i)*2<<20); err != nil {
+				t.Fatalf("%s: read scattered block %d: %v", what, i, err)
+			}
+			if tag, err := parseBlock(blk, uint64(i)*512, scratch); err != nil || tag != 1 {
+				t.Fatalf("%s: scattered block %d: tag %d, %v", what, i, tag, err)
+			}
+		}
+	}
+	check("after freeing space")
+	d.Close()
+	o.f.Close()
+	e.umount()
+	e.mount()
+	o.open()
+	o.verify("o, after a remount")
+	if d, err = os.Open(filepath.Join(e.mnt, "d")); err != nil {
+		t.Fatal(err)
+	}
+	check("after a remount")
+}
