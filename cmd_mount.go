@@ -523,6 +523,15 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 				logger.Printf("unmount: %v", err)
 				return nil, toControlError(err)
 			}
+			// No write comes any more. Commit what the disks wrote now,
+			// while the command waits, so that it can say when that
+			// fails (a full file system): the commit at close comes after
+			// the answer, and its error reaches only daemon.log.
+			if err := v.Sync(); err != nil {
+				err = fmt.Errorf("unmounted %s, but the disks' last writes could not be committed: what they wrote since their last successful fsync is lost unless the daemon's last try as it exits succeeds (see daemon.log): %w", a.absMP, err)
+				logger.Printf("unmount: %v", err)
+				return nil, toControlError(err)
+			}
 			return st, nil
 		}
 		if p := running.Load(); p != nil {
@@ -840,6 +849,9 @@ func runUmount(c *cli.Context) error {
 			}
 			fmt.Fprintf(c.App.Writer, "unmounted %s (volume %s)\n", mp, got.Volume)
 			return nil
+		case errors.Is(err, syscall.ENOSPC):
+			// Unmounted, but the last commit failed (opDaemonUmount).
+			return withHint(err, "free space on the file system holding %s; the volume mounts again at its last commit", st.Volume)
 		case !errors.Is(err, control.ErrNoDaemon):
 			return err
 		}
