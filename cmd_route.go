@@ -446,7 +446,7 @@ func hintFor(err error) string {
 	case "newer_format":
 		return "this volume was written by a newer encdisk"
 	case "no_space":
-		return fmt.Sprintf("a file system is full (the path above says which): free space on it and retry; on the one holding %s, deleting snapshots, images or disks, or `fstrim` on a disk's file system, gives space back", vol)
+		return "a file system is full (the path above says which): free space on it and retry; on a volume's own, deleting snapshots, images or disks, or `fstrim` on a disk's file system, gives space back"
 	}
 	var ce *control.Error
 	if errors.As(err, &ce) {

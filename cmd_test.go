@@ -183,7 +183,7 @@ func TestReportError(t *testing.T) {
 		{volError(fmt.Errorf("x: %w", volume.ErrNotFound), "v"), exitError,
 			[]string{"encdisk: error: x: no such disk", "encdisk: hint: list the disks with `encdisk disk list v`"}},
 		{volError(fmt.Errorf("volume: create snapshot s of disk d: %w", &os.PathError{Op: "mkdir", Path: "v/snapshots/s-1", Err: syscall.ENOSPC}), "v"), exitError,
-			[]string{"encdisk: error: volume: create snapshot s of disk d: mkdir v/snapshots/s-1: no space left on device", "encdisk: hint: a file system is full (the path above says which): free space on it and retry; on the one holding v,"}},
+			[]string{"encdisk: error: volume: create snapshot s of disk d: mkdir v/snapshots/s-1: no space left on device", "encdisk: hint: a file system is full (the path above says which): free space on it and retry; on a volume's own,"}},
 		{fmt.Errorf("open: %w", keystore.ErrWrongSecret), exitError,
 			[]string{"encdisk: error: open: wrong passphrase or root key", "encdisk: hint: check the passphrase; scripts can set ENCDISK_PASSPHRASE_FILE"}},
 		{withHint(errors.New("e"), "h %d", 1), exitError, []string{"encdisk: error: e", "encdisk: hint: h 1"}},
