@@ -665,8 +665,9 @@ func lockMemory(logger *log.Logger) {
 	logger.Printf("memory locked against swap (mlockall)")
 }
 
-// openDisks describes the disks someone has open: "data1 is open by pid 42
-// (losetup)".
+// openDisks describes the disks and snapshot views someone has open:
+// "disk data1 is open by pid 42 (losetup)", "snapshot s1 of disk data1 is
+// open by loop device /dev/loop3 (...)".
 func openDisks(v *volume.Volume) []string {
 	ds, err := v.ListDisks()
 	if err != nil {
@@ -676,6 +677,18 @@ func openDisks(v *volume.Volume) []string {
 	for _, d := range ds {
 		if len(d.OpenBy) > 0 {
 			out = append(out, fmt.Sprintf("disk %s is open by %s", d.Name, strings.Join(d.OpenBy, ", ")))
+		}
+	}
+	// A snapshot's view (losetup -r of .snapshots/DISK/SNAP) keeps the
+	// mount busy just as well: without this the kernel's EBUSY would say
+	// only that something uses the mount.
+	ss, err := v.ListSnapshots("")
+	if err != nil {
+		return out
+	}
+	for _, s := range ss {
+		if len(s.OpenBy) > 0 {
+			out = append(out, fmt.Sprintf("snapshot %s of disk %s is open by %s", s.Name, s.Group, strings.Join(s.OpenBy, ", ")))
 		}
 	}
 	return out
