@@ -78,6 +78,8 @@ func (d *fileDisk) Resize(size int64) error {
 }
 func (d *fileDisk) Close() error { return nil }
 
+func (d *fileDisk) ModTime() time.Time { return time.Time{} }
+
 // fileBackend shows one fileDisk named "bench".
 type fileBackend struct {
 	*memBackend

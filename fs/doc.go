@@ -53,7 +53,9 @@
 //     punch-holes, so fstrim in a file system on it gives space back.
 //   - lseek SEEK_DATA, SEEK_HOLE: Disk.SeekData, Disk.SeekHole.
 //   - stat: st_size is the disk size, st_blocks is Allocated/512 rounded up,
-//     st_blksize is 4096, mtime is the Backend's ModTime. The directories'
+//     st_blksize is 4096, mtime is the Backend's ModTime, or the open Disk's
+//     ModTime while the file is open (the kernel then asks through the open
+//     file, whoever stats it), so it follows writes. The directories'
 //     times are the time of the mount.
 //   - truncate, ftruncate: to a larger size grows the disk (Resize, the
 //     ResizeDisk operation); to the same size succeeds; to a smaller size

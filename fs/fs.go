@@ -37,6 +37,9 @@ type Disk interface {
 	SeekHole(off int64) (int64, error)
 	// Allocated is the number of bytes of real storage used.
 	Allocated() int64
+	// ModTime is when the content last changed (the file's mtime): it
+	// follows writes, through any open, while this one is open.
+	ModTime() time.Time
 	// Resize grows the disk to size. Shrinking is refused with an error
 	// wrapping syscall.EINVAL.
 	Resize(size int64) error

@@ -5,7 +5,6 @@ import (
 	"math"
 	"sync/atomic"
 	"syscall"
-	"time"
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -20,7 +19,6 @@ type handle struct {
 	writable bool   // opened O_WRONLY or O_RDWR
 	readOnly bool   // a snapshot, or a disk attached read-only
 	snapshot bool
-	modTime  time.Time
 
 	// dirty is set by every change through this handle and cleared by
 	// Sync, so that close(2) of an unchanged file costs no Sync.

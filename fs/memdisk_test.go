@@ -196,6 +196,7 @@ func (s *memStore) resize(size int64) error {
 // memDisk is one open of a memStore.
 type memDisk struct {
 	s        *memStore
+	b        *memBackend
 	writable bool
 	onClose  func()
 	closed   sync.Once
@@ -235,6 +236,12 @@ func (d *memDisk) Discard(off, length int64) error {
 func (d *memDisk) SeekData(off int64) (int64, error) { return d.s.seekData(off) }
 func (d *memDisk) SeekHole(off int64) (int64, error) { return d.s.seekHole(off) }
 func (d *memDisk) Allocated() int64                  { return d.s.allocated() }
+
+func (d *memDisk) ModTime() time.Time {
+	d.b.mu.Lock()
+	defer d.b.mu.Unlock()
+	return d.b.mtime
+}
 
 func (d *memDisk) Resize(size int64) error {
 	if !d.writable {
@@ -344,7 +351,7 @@ func (b *memBackend) Stat(name string) (DiskEntry, error) {
 func (b *memBackend) open(s *memStore, writable bool, who string) *memDisk {
 	b.opens++
 	b.whos = append(b.whos, who)
-	return &memDisk{s: s, writable: writable, onClose: func() {
+	return &memDisk{s: s, b: b, writable: writable, onClose: func() {
 		b.mu.Lock()
 		b.closes++
 		b.mu.Unlock()

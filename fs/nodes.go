@@ -387,7 +387,7 @@ func (n *fileNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.Att
 	// An open handle answers without asking the backend, and keeps working
 	// for an fd held across a detach.
 	if h, ok := f.(*handle); ok && h != nil {
-		fileAttr(&out.Attr, n.ino(), n.mode(h.readOnly), h.disk.Size(), h.disk.Allocated(), h.modTime)
+		fileAttr(&out.Attr, n.ino(), n.mode(h.readOnly), h.disk.Size(), h.disk.Allocated(), h.disk.ModTime())
 		return 0
 	}
 	e, err := n.stat()
@@ -493,7 +493,6 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 		writable: writable,
 		readOnly: n.snap != "" || e.ReadOnly,
 		snapshot: n.snap != "",
-		modTime:  e.ModTime,
 	}
 	n.m.track(h)
 	var fuseFlags uint32

@@ -6,6 +6,7 @@ import (
 	"io"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/encdisk/encdisk/blockcrypt"
 	"github.com/encdisk/encdisk/snapshots"
@@ -94,6 +95,11 @@ func (h *Disk) Close() error {
 
 // Size is the disk's size in bytes.
 func (h *Disk) Size() int64 { return h.d.size.Load() }
+
+// ModTime is when the disk's content last changed, as `disk show` has it
+// (a snapshot's view: when the snapshot was taken). It follows the writes
+// of every open and growth while this one is open.
+func (h *Disk) ModTime() time.Time { return h.d.modTime() }
 
 // Allocated is the storage the disk's data uses, shared blocks included.
 func (h *Disk) Allocated() int64 {

@@ -481,12 +481,13 @@ func (v *Volume) OpenSnapshot(diskName, snapName, who string) (*Disk, error) {
 		return nil, fmt.Errorf("volume: snapshot %s is of disk %s: %w", snapName, v.snapGroup(s), ErrNoSnapshot)
 	}
 	if s.view == nil {
-		s.view = &disk{readonly: true, opens: map[*Disk]string{}, snap: s, rec: diskRecord{
+		// A view's content is the snapshot's: its time is when it was taken.
+		s.view = &disk{readonly: true, opens: map[*Disk]string{}, snap: s}
+		s.view.setRec(diskRecord{
 			ID: s.rec.ID, Name: s.rec.DiskName + "@" + s.rec.Name, Size: s.rec.Size,
 			Encrypted: s.rec.Encrypted, WrappedKey: s.rec.WrappedKey, KeyOwner: s.rec.KeyOwner,
-			Tree: s.rec.Tree, Status: StatusInUse,
-		}}
-		s.view.size.Store(s.rec.Size)
+			Tree: s.rec.Tree, Status: StatusInUse, Created: s.rec.Created,
+		})
 	}
 	d := s.view
 	if d.rec.Encrypted && d.cipher == nil {

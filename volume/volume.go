@@ -121,29 +121,46 @@ type disk struct {
 	// the last writer closes the disk, and when the volume is closed: a
 	// crash can lose the time of writes since then, never data.
 	modified atomic.Int64
+	// recModified and created are rec.Modified (0 if zero) and
+	// rec.Created in Unix nanoseconds, for modTime without v.mu (an open
+	// file's stat).
+	recModified, created atomic.Int64
 }
 
 // setRec replaces d's record (v.mu held).
 func (d *disk) setRec(r diskRecord) {
 	d.rec = r
 	d.size.Store(r.Size)
+	d.recModified.Store(unixNano(r.Modified))
+	d.created.Store(unixNano(r.Created))
+}
+
+// unixNano is t in Unix nanoseconds, 0 for the zero time.
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
 }
 
 // touch notes that the disk's content changed now.
 func (d *disk) touch() { d.modified.Store(time.Now().UnixNano()) }
 
-// modTime is when the disk's content last changed: its creation if never
-// (v.mu held).
+// modTime is when the disk's content last changed: its creation if never.
+// It needs no lock: an open file's stat asks for it while management
+// operations hold v.mu.
 func (d *disk) modTime() time.Time {
-	if n := d.modified.Load(); n != 0 {
-		if t := time.Unix(0, n).UTC(); t.After(d.rec.Modified) {
-			return t
-		}
+	rec := d.recModified.Load()
+	if n := d.modified.Load(); n != 0 && n > rec {
+		return time.Unix(0, n).UTC()
 	}
-	if !d.rec.Modified.IsZero() {
-		return d.rec.Modified
+	if rec != 0 {
+		return time.Unix(0, rec).UTC()
 	}
-	return d.rec.Created
+	if c := d.created.Load(); c != 0 {
+		return time.Unix(0, c).UTC()
+	}
+	return time.Time{}
 }
 
 // unrecorded reports whether d.modified is newer than its record (v.mu held).

@@ -762,3 +762,80 @@ func TestStatDiskSkipsOpener(t *testing.T) {
 		t.Errorf("StatDisk(nope) = %v, want ErrNotFound", err)
 	}
 }
+
+// TestOpenDiskModTime: an open disk's ModTime (the mtime the mount gives an
+// open file's stat, a loop device's included) follows writes through any
+// open and growth while it is open, as `disk show` does, instead of
+// staying the time it was opened; a snapshot's view has the time it was
+// taken. It takes no lock a management operation holds: run with -race,
+// it is read while writes and a resize run.
+func TestOpenDiskModTime(t *testing.T) {
+	tv := newTestVol(t, true)
+	if _, err := tv.v.CreateDisk(CreateDiskOptions{Name: "d", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	reader, err := tv.v.OpenDisk("d", false, "loop")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close()
+	show := func() time.Time {
+		t.Helper()
+		di, err := tv.v.ShowDisk("d")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return di.Modified
+	}
+	if got, want := reader.ModTime(), show(); !got.Equal(want) {
+		t.Fatalf("ModTime %v before any change, want %v", got, want)
+	}
+	opened := reader.ModTime()
+	w, err := tv.v.OpenDisk("d", true, "writer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			_ = reader.ModTime()
+		}
+	})
+	time.Sleep(time.Millisecond)
+	if _, err := w.WriteAt(fill(3, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := reader.ModTime(), show(); !got.Equal(want) || !got.After(opened) {
+		t.Fatalf("after a write through another open: ModTime %v, want %v (after %v)", got, want, opened)
+	}
+	w.Close()
+	written := reader.ModTime()
+	time.Sleep(time.Millisecond)
+	if _, err := tv.v.ResizeDisk("d", 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := reader.ModTime(), show(); !got.Equal(want) || !got.After(written) {
+		t.Fatalf("after a growth: ModTime %v, want %v (after %v)", got, want, written)
+	}
+	close(stop)
+	wg.Wait()
+
+	si, err := tv.v.CreateSnapshot("d", "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	view, err := tv.v.OpenSnapshot("d", "s", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer view.Close()
+	if got := view.ModTime(); !got.Equal(si.Created) {
+		t.Fatalf("snapshot view: ModTime %v, want its creation %v", got, si.Created)
+	}
+}
