@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strings"
 	"syscall"
 	"time"
 
@@ -416,7 +418,7 @@ func hintFor(err error) string {
 	case "exists":
 		return fmt.Sprintf("choose another name; `encdisk disk list %s` shows the names in use", vol)
 	case "in_use":
-		return "close it first: unmount the file system on it and detach its loop device (`losetup -d DEVICE`)"
+		return inUseHint(err.Error())
 	case "shrink":
 		return "give a size larger than the current one (`encdisk disk show VOL NAME`)"
 	case "not_attached":
@@ -453,6 +455,28 @@ func hintFor(err error) string {
 		return ce.Hint
 	}
 	return ""
+}
+
+// loopOpenerRE matches an opener that is a loop device ("loop device
+// /dev/loop3 (set up by pid 42 (losetup))", see mountOpener).
+var loopOpenerRE = regexp.MustCompile(`loop device [^(]*\(set up by [^()]*(\([^()]*\))?\)`)
+
+// inUseHint is the advice for an "in use" refusal whose message names the
+// openers: take down the file system and the loop device, stop a program
+// that has it open, or both.
+func inUseHint(msg string) string {
+	const loop = "unmount the file system on it and detach its loop device (`losetup -d DEVICE`)"
+	const prog = "stop the program that has it open (or wait for it to finish)"
+	hasLoop := strings.Contains(msg, "loop device")
+	_, openers, _ := strings.Cut(msg, "open by ")
+	hasProg := strings.Contains(loopOpenerRE.ReplaceAllString(openers, ""), "pid ")
+	switch {
+	case hasProg && hasLoop:
+		return "close it first: " + loop + ", and " + prog + ", then retry"
+	case hasProg:
+		return "close it first: " + prog + ", then retry"
+	}
+	return "close it first: " + loop
 }
 
 // remoteCode is the exit code a daemon asked for, or 0.

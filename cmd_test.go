@@ -373,3 +373,30 @@ func TestRoutingLockedVolume(t *testing.T) {
 		t.Errorf("stdout %q", out.String())
 	}
 }
+
+// TestInUseHint: the advice for a disk in use fits what holds it: a loop
+// device (take the file system and the device down), a program (stop it),
+// or both.
+func TestInUseHint(t *testing.T) {
+	const pre = "volume: reset disk d1: %w: open by "
+	tests := []struct{ openers, want string }{
+		{"loop device /dev/loop3 (set up by pid 42 (losetup))", "losetup -d DEVICE`)"},
+		{"loop device /dev/loop3, /dev/loop4 (set up by pid 42 (losetup))", "losetup -d DEVICE`)"},
+		{"loop device /dev/loop3 (set up by pid 42, since exited)", "losetup -d DEVICE`)"},
+		{"pid 7 (fio)", "close it first: stop the program that has it open (or wait for it to finish), then retry"},
+		{"pid 7, since exited", "close it first: stop the program that has it open (or wait for it to finish), then retry"},
+		{"loop device /dev/loop3 (set up by pid 42 (losetup)), pid 7 (qemu)", "losetup -d DEVICE`), and stop the program that has it open (or wait for it to finish), then retry"},
+	}
+	for _, tt := range tests {
+		got := hintFor(fmt.Errorf(pre+tt.openers, volume.ErrInUse))
+		if tt.want == "losetup -d DEVICE`)" {
+			if got != "close it first: unmount the file system on it and detach its loop device (`losetup -d DEVICE`)" {
+				t.Errorf("%s: hint %q", tt.openers, got)
+			}
+			continue
+		}
+		if !strings.HasSuffix(got, tt.want) || !strings.HasPrefix(got, "close it first: ") {
+			t.Errorf("%s: hint %q, want it to end %q", tt.openers, got, tt.want)
+		}
+	}
+}
