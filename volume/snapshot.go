@@ -312,7 +312,7 @@ func (v *Volume) DeleteSnapshot(name string) (*SnapshotInfo, error) {
 	}
 	if s.view != nil {
 		view := s.view
-		if err := v.busy(view, "delete snapshot", func() bool { return v.snaps[name] == s && s.view == view }); err != nil {
+		if err := v.busy(view, "delete", func() bool { return v.snaps[name] == s && s.view == view }); err != nil {
 			return nil, err
 		}
 	}

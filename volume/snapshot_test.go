@@ -87,7 +87,8 @@ func TestSnapshotResetReinitClone(t *testing.T) {
 	if _, err := h.WriteAt([]byte{1}, 0); !errors.Is(err, syscall.EROFS) {
 		t.Errorf("write to a snapshot: %v", err)
 	}
-	if _, err := tv.v.DeleteSnapshot("s1"); !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), "losetup") {
+	if _, err := tv.v.DeleteSnapshot("s1"); !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), "losetup") ||
+		!strings.HasPrefix(err.Error(), "volume: delete snapshot s1 of disk d: ") {
 		t.Errorf("delete of an open snapshot: %v", err)
 	}
 	h.Close()

@@ -901,18 +901,22 @@ func (v *Volume) AttachDisk(name string) (*DiskInfo, error) {
 // two seconds for opens to go, releasing v.mu meanwhile. v.mu held; still
 // reports whether d is still what the caller looked up once v.mu is back.
 func (v *Volume) busy(d *disk, op string, still func() bool) error {
+	what := "disk " + d.rec.Name
+	if d.snap != nil { // a snapshot's view, whose record is named DISK@SNAP
+		what = fmt.Sprintf("snapshot %s of disk %s", d.snap.rec.Name, v.snapGroup(d.snap))
+	}
 	for deadline := time.Now().Add(2 * time.Second); len(d.opens) > 0 && time.Now().Before(deadline); {
 		v.mu.Unlock()
 		time.Sleep(20 * time.Millisecond)
 		v.mu.Lock()
 		if v.closed || !still() {
-			return fmt.Errorf("volume: %s %s: it changed while waiting for it to be closed; retry", op, d.rec.Name)
+			return fmt.Errorf("volume: %s %s: it changed while waiting for it to be closed; retry", op, what)
 		}
 	}
 	if len(d.opens) == 0 {
 		return nil
 	}
-	return fmt.Errorf("volume: %s disk %s: %w: open by %s", op, d.rec.Name, ErrInUse, strings.Join(v.openers(d), ", "))
+	return fmt.Errorf("volume: %s %s: %w: open by %s", op, what, ErrInUse, strings.Join(v.openers(d), ", "))
 }
 
 // isDisk reports whether d is still the disk called name.
