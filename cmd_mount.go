@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -831,9 +832,27 @@ func daemonGone(absMP string) bool {
 	return err == nil && !processAlive(st.PID)
 }
 
+// processAlive reports whether process pid runs. A zombie (exited, not yet
+// reaped by its parent, which for a daemon is init or a container's PID 1,
+// some of which reap late or never) is not alive: kill(2) still finds it.
 func processAlive(pid int) bool {
 	err := unix.Kill(pid, 0)
-	return err == nil || errors.Is(err, unix.EPERM)
+	if err != nil && !errors.Is(err, unix.EPERM) {
+		return false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return !errors.Is(err, os.ErrNotExist)
+	}
+	// The state follows the command name, which is in parentheses and may
+	// itself hold ") ".
+	if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) {
+		switch b[i+2] {
+		case 'Z', 'X', 'x':
+			return false
+		}
+	}
+	return true
 }
 
 func runUmount(c *cli.Context) error {

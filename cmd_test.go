@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"github.com/urfave/cli/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -398,5 +399,46 @@ func TestInUseHint(t *testing.T) {
 		if !strings.HasSuffix(got, tt.want) || !strings.HasPrefix(got, "close it first: ") {
 			t.Errorf("%s: hint %q, want it to end %q", tt.openers, got, tt.want)
 		}
+	}
+}
+
+// TestProcessAliveZombie: a daemon killed with SIGKILL is dead as soon as it
+// exits, even while its zombie waits for a parent that reaps late (a
+// container's PID 1): `encdisk mount` on its dead mount says the daemon is
+// gone, and `encdisk umount` does not wait out its --timeout for it.
+func TestProcessAliveZombie(t *testing.T) {
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Skip(err)
+	}
+	pid := cmd.Process.Pid
+	if !processAlive(pid) {
+		t.Fatalf("processAlive(%d) = false for a running process", pid)
+	}
+	cmd.Process.Kill()
+	// Not reaped: wait until it is a zombie.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			t.Skip(err)
+		}
+		if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) && b[i+2] == 'Z' {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the killed child did not become a zombie")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if processAlive(pid) {
+		t.Errorf("processAlive(%d) = true for a zombie", pid)
+	}
+	cmd.Wait()
+	if processAlive(pid) {
+		t.Errorf("processAlive(%d) = true for a reaped process", pid)
+	}
+	if !processAlive(os.Getpid()) {
+		t.Error("processAlive(self) = false")
 	}
 }
