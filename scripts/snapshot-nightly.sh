@@ -2,7 +2,8 @@
 # Take a snapshot of a disk and keep only the newest KEEP of the snapshots
 # this script made (named nightly-YYYYmmdd-HHMMSS-NNNNNNNNN); other
 # snapshots of the disk are never touched. Works whether the volume is
-# mounted or not; the snapshot is crash-consistent.
+# mounted or not; the snapshot is crash-consistent. Runs on one volume wait
+# for each other (an flock on VOL).
 #
 #   snapshot-nightly.sh VOL DISK [KEEP]        (KEEP defaults to 7)
 #
@@ -21,6 +22,16 @@ if [ "$keep" -lt 1 ]; then
 	exit 2
 fi
 encdisk=${ENCDISK:-encdisk}
+
+# One run at a time per volume (cron overlapping a manual run, two disks'
+# jobs at 02:15): two runs pruning at once would both delete the same oldest
+# snapshot, and one of them fail with "no such snapshot". The lock is an
+# flock on the volume directory; a VOL that cannot be opened is left to
+# encdisk to report (2>/dev/null on the group only: on exec itself it would
+# silence the rest of the script).
+if { exec 9<"$vol"; } 2>/dev/null; then
+	flock 9
+fi
 
 "$encdisk" snapshot create "$vol" "$disk" "nightly-$(date -u +%Y%m%d-%H%M%S-%N)"
 

@@ -403,3 +403,38 @@ func TestRollbackOtherFileOnOldLoopDevice(t *testing.T) {
 		t.Errorf("%s is mounted from %s backed by %s, want %s:\n%s", fsDir, srcDev, back, file, out)
 	}
 }
+
+// TestNightlyConcurrent: two runs of snapshot-nightly.sh at once (cron
+// overlapping a manual run) both succeed and leave KEEP snapshots; they
+// used to prune the same oldest snapshot, and one failed with "no such
+// snapshot".
+func TestNightlyConcurrent(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d1", "--size", "1MiB")
+	for i := 0; i < 3; i++ {
+		e.script("snapshot-nightly.sh", e.vol, "d1", "2")
+	}
+	for round := 0; round < 5; round++ {
+		errs := make(chan string, 2)
+		for j := 0; j < 2; j++ {
+			go func() {
+				out, err := e.runScript(nil, "snapshot-nightly.sh", e.vol, "d1", "2")
+				if err != nil {
+					errs <- err.Error() + "\n" + out
+				} else {
+					errs <- ""
+				}
+			}()
+		}
+		for j := 0; j < 2; j++ {
+			if msg := <-errs; msg != "" {
+				t.Errorf("round %d: a concurrent snapshot-nightly.sh failed: %s", round, msg)
+			}
+		}
+	}
+	list := e.run("snapshot", "list", e.vol, "d1")
+	if n := strings.Count(list, "\nnightly-2"); n != 2 {
+		t.Errorf("%d nightly snapshots kept, want 2:\n%s", n, list)
+	}
+}
