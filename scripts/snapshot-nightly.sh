@@ -39,6 +39,14 @@ fi
 # Only names of this script's own form: a user's nightly-before-upgrade stays.
 mapfile -t ours < <("$encdisk" snapshot list "$vol" "$disk" | awk 'NR > 1 { print $1 }' | grep -E '^nightly-[0-9]{8}-[0-9]{6}-[0-9]{9}$' || true)
 excess=$((${#ours[@]} - keep))
+# A snapshot that cannot go (its view open, say: losetup -r of
+# .snapshots/DISK/SNAP) is kept and reported, and the next ones are still
+# pruned: stopping at it would stop all pruning for as long as it is open.
+failed=()
 for ((i = 0; i < excess; i++)); do
-	"$encdisk" snapshot delete "$vol" "${ours[i]}"
+	"$encdisk" snapshot delete "$vol" "${ours[i]}" || failed+=("${ours[i]}")
 done
+if [ ${#failed[@]} -gt 0 ]; then
+	echo "$0: could not delete ${failed[*]}; kept, the next run tries again" >&2
+	exit 1
+fi

@@ -438,3 +438,45 @@ func TestNightlyConcurrent(t *testing.T) {
 		t.Errorf("%d nightly snapshots kept, want 2:\n%s", n, list)
 	}
 }
+
+// TestNightlyPrunesPastHeldSnapshot: an old nightly snapshot whose view is
+// open (losetup -r of .snapshots/DISK/SNAP) cannot be deleted; the script
+// keeps it, says so, still prunes the others, and exits 1. It used to stop
+// at the held one, so no snapshot was pruned for as long as it was open.
+func TestNightlyPrunesPastHeldSnapshot(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d1", "--size", "1MiB")
+	e.mount()
+	for i := 0; i < 3; i++ {
+		e.script("snapshot-nightly.sh", e.vol, "d1", "3")
+	}
+	var ours []string
+	for _, line := range strings.Split(e.run("snapshot", "list", e.vol, "d1"), "\n") {
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "nightly-") {
+			ours = append(ours, f[0])
+		}
+	}
+	if len(ours) != 3 {
+		t.Fatalf("nightly snapshots %v, want 3", ours)
+	}
+	dev := sh(t, "losetup", "-r", "-f", "--show", filepath.Join(e.mnt, ".snapshots", "d1", ours[0]))
+	defer exec.Command("losetup", "-d", dev).Run()
+
+	out := e.scriptFails("snapshot-nightly.sh", e.vol, "d1", "1")
+	if !strings.Contains(out, "could not delete "+ours[0]) {
+		t.Errorf("snapshot-nightly.sh with %s held did not name it:\n%s", ours[0], out)
+	}
+	list := e.run("snapshot", "list", e.vol, "d1")
+	if !strings.Contains(list, "\n"+ours[0]+" ") {
+		t.Errorf("the held snapshot %s is gone:\n%s", ours[0], list)
+	}
+	for _, s := range ours[1:] {
+		if strings.Contains(list, "\n"+s+" ") {
+			t.Errorf("%s was not pruned past the held snapshot:\n%s", s, list)
+		}
+	}
+	if n := strings.Count(list, "\nnightly-2"); n != 2 {
+		t.Errorf("%d nightly snapshots left, want 2 (the held one and the new one):\n%s", n, list)
+	}
+}
