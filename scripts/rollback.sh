@@ -10,7 +10,9 @@
 # it, and attaches the disk again as it was (direct I/O, offset, size limit,
 # read-only, sector size). If the reset fails (the disk is open elsewhere,
 # the balance or the key refuses it), the loop device and the file system
-# are put back unchanged. Without MOUNTPOINT, the disk must not be in use.
+# are put back unchanged; so they are if the script is interrupted (SIGINT,
+# SIGTERM) or a step fails once they are taken down. Without MOUNTPOINT,
+# the disk must not be in use.
 # File systems on partitions of the loop device (losetup -P), and a file
 # system mounted in more than one place (bind mounts), are refused: unmount
 # them first. ENCDISK names the binary.
@@ -29,7 +31,48 @@ if ! "$encdisk" snapshot list "$vol" "$disk" | awk -v s="$snap" 'NR > 1 && $1 ==
 	exit 1
 fi
 
-loop="" fsdir="" opts="" attach=() autoclear=0
+# putBack attaches the disk and mounts its file system again; on the old
+# loop device if it is still there (still held: only its detach was
+# scheduled), so that no file system is ever live on two devices.
+putBack() {
+	# The old device only if it is backed by this very file: another file
+	# may have taken the freed device meanwhile (even one whose name
+	# contains the disk's).
+	if losetup "$loop" >/dev/null 2>&1 && [ "$(losetup -n -O BACK-FILE "$loop" 2>/dev/null)" = "$(realpath -m "$mp/$disk")" ]; then
+		newloop=$loop
+	else
+		newloop=$(losetup "${attach[@]}" -f --show "$mp/$disk") || return 1
+	fi
+	if [ -n "$fsdir" ]; then
+		mount -o "$opts" "$newloop" "$fsdir" || return 1
+		echo "rollback: $fsdir mounted again from $newloop"
+	else
+		echo "rollback: $mp/$disk attached again as $newloop"
+	fi
+	if [ "$autoclear" = 1 ]; then
+		echo "rollback: $newloop was set up by mount -o loop; detach it with losetup -d after unmounting"
+	fi
+}
+
+# onExit, the EXIT trap once the disk is being taken down: if the script
+# stops before putting it back, it puts it back (unless the file system was
+# never unmounted).
+onExit() {
+	rc=$?
+	[ "$down" = 1 ] || return 0
+	down=0
+	set +e
+	if [ -n "$fsdir" ] && findmnt -rn -o SOURCE --mountpoint "$fsdir" | grep -qxF "$loop"; then
+		return 0
+	fi
+	echo "rollback: stopped (exit $rc) with the disk taken down; putting it back" >&2
+	if ! putBack; then
+		echo "rollback: could not put $mp/$disk back; attach it and mount ${fsdir:-it} by hand" >&2
+	fi
+	exit "$rc"
+}
+
+loop="" fsdir="" opts="" attach=() autoclear=0 down=0
 if [ -n "$mp" ]; then
 	file=$mp/$disk
 	loop=$(losetup -n -O NAME -j "$file" | head -n 1 | tr -d ' ')
@@ -55,6 +98,12 @@ if [ -n "$loop" ]; then
 	[ "$ro" = 0 ] || attach+=(--read-only)
 	[ "$partscan" = 0 ] || attach+=(--partscan)
 	fsdir=$targets
+	# From here on, whatever stops the script (an interrupt, a failing
+	# command under set -e) puts the disk back on the way out.
+	down=1
+	trap onExit EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
 	if [ -n "$fsdir" ]; then
 		opts=$(findmnt -n -o OPTIONS --target "$fsdir" | head -n 1)
 		echo "rollback: unmounting $fsdir ($loop)"
@@ -73,36 +122,15 @@ if [ -n "$loop" ]; then
 	done
 fi
 
-# putBack attaches the disk and mounts its file system again; on the old
-# loop device if it is still there (still held: only its detach was
-# scheduled), so that no file system is ever live on two devices.
-putBack() {
-	# The old device only if it is backed by this very file: another file
-	# may have taken the freed device meanwhile (even one whose name
-	# contains the disk's).
-	if losetup "$loop" >/dev/null 2>&1 && [ "$(losetup -n -O BACK-FILE "$loop" 2>/dev/null)" = "$(realpath -m "$mp/$disk")" ]; then
-		newloop=$loop
-	else
-		newloop=$(losetup "${attach[@]}" -f --show "$mp/$disk")
-	fi
-	if [ -n "$fsdir" ]; then
-		mount -o "$opts" "$newloop" "$fsdir"
-		echo "rollback: $fsdir mounted again from $newloop"
-	else
-		echo "rollback: $mp/$disk attached again as $newloop"
-	fi
-	if [ "$autoclear" = 1 ]; then
-		echo "rollback: $newloop was set up by mount -o loop; detach it with losetup -d after unmounting"
-	fi
-}
-
 if ! "$encdisk" disk reset "$vol" "$disk" --snapshot "$snap"; then
 	if [ -n "$loop" ]; then
 		echo "rollback: the reset failed; putting the disk back as it was" >&2
+		down=0
 		putBack
 	fi
 	exit 1
 fi
 if [ -n "$loop" ]; then
+	down=0
 	putBack
 fi

@@ -480,3 +480,40 @@ func TestNightlyPrunesPastHeldSnapshot(t *testing.T) {
 		t.Errorf("%d nightly snapshots left, want 2 (the held one and the new one):\n%s", n, list)
 	}
 }
+
+// TestRollbackInterruptedPutsBack: rollback.sh stopped by SIGTERM once the
+// file system is down (here during the reset) mounts it again before it
+// exits, instead of leaving it unmounted and the loop device detached.
+func TestRollbackInterruptedPutsBack(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d1", "--size", "64MiB", "--encrypted")
+	e.mount()
+	file := filepath.Join(e.mnt, "d1")
+	sh(t, "mkfs.ext4", "-q", file)
+	fsDir := filepath.Join(e.dir, "fs")
+	cleanupLoopMounts(t, fsDir)
+	loopMount(t, file, fsDir, "--direct-io=on")
+	after := e.writeAfterSnapshot(fsDir, "d1", "s1")
+
+	// ENCDISK that, at the reset, sends SIGTERM to the script (a timeout,
+	// an impatient operator) and fails.
+	wrap := filepath.Join(e.dir, "encdisk-wrap")
+	os.WriteFile(wrap, []byte("#!/bin/sh\n"+
+		"if [ \"$1 $2\" = \"disk reset\" ]; then kill -TERM $PPID; exit 1; fi\n"+
+		"exec "+binary+" \"$@\"\n"), 0o755)
+	out, err := e.runScript([]string{"ENCDISK=" + wrap}, "rollback.sh", e.vol, "d1", "s1", e.mnt)
+	if err == nil {
+		t.Fatalf("an interrupted rollback.sh exited 0:\n%s", out)
+	}
+	if exec.Command("mountpoint", "-q", fsDir).Run() != nil {
+		t.Fatalf("an interrupted rollback.sh left %s unmounted:\n%s", fsDir, out)
+	}
+	if _, err := os.Stat(after); err != nil {
+		t.Errorf("the file system put back is not the one taken down: %v\n%s", err, out)
+	}
+	dev := strings.TrimSpace(sh(t, "findmnt", "-n", "-o", "SOURCE", "--target", fsDir))
+	if dio := strings.TrimSpace(sh(t, "losetup", "-n", "-O", "DIO", dev)); dio != "1" {
+		t.Errorf("put back without direct I/O (DIO %q):\n%s", dio, out)
+	}
+}
