@@ -5,7 +5,7 @@
 # mounted or not; the snapshot is crash-consistent. Runs on one volume wait
 # for each other (an flock on VOL).
 #
-#   snapshot-nightly.sh VOL DISK [KEEP]        (KEEP defaults to 7)
+#   snapshot-nightly.sh VOL DISK [KEEP]        (KEEP 1 to 999999999, default 7)
 #
 # For cron, e.g.:  15 2 * * *  ENCDISK_PASSPHRASE_FILE=/etc/encdisk/pass /usr/local/lib/encdisk/snapshot-nightly.sh /srv/vol data1 14
 # ENCDISK (default: encdisk on PATH) names the binary.
@@ -16,6 +16,13 @@ if [ $# -lt 2 ] || [ $# -gt 3 ]; then
 fi
 vol=$1 disk=$2 keep=${3:-7}
 case $keep in '' | *[!0-9]*) echo "$0: KEEP must be a number, got '$keep'" >&2; exit 2 ;; esac
+# Bash arithmetic wraps at 2^64 (18446744073709551617 would be 1, and prune
+# all but one snapshot): at most 9 digits once leading zeros are gone.
+digits=${keep#"${keep%%[!0]*}"}
+if [ ${#digits} -gt 9 ]; then
+	echo "$0: KEEP must be at most 999999999, got '$keep'" >&2
+	exit 2
+fi
 keep=$((10#$keep)) # decimal: bash arithmetic would read 010 as octal 8, and refuse 08
 if [ "$keep" -lt 1 ]; then
 	echo "$0: KEEP must be at least 1" >&2

@@ -517,3 +517,23 @@ func TestRollbackInterruptedPutsBack(t *testing.T) {
 		t.Errorf("put back without direct I/O (DIO %q):\n%s", dio, out)
 	}
 }
+
+// TestNightlyKeepTooLarge: a KEEP past what bash arithmetic holds is
+// refused, not wrapped (18446744073709551617 is 2^64+1, which bash reads as
+// 1 and which pruned all snapshots but the newest).
+func TestNightlyKeepTooLarge(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d1", "--size", "1MiB")
+	for i := 0; i < 3; i++ {
+		e.script("snapshot-nightly.sh", e.vol, "d1", "5")
+	}
+	out, err := e.runScript(nil, "snapshot-nightly.sh", e.vol, "d1", "18446744073709551617")
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 || !strings.Contains(out, "KEEP must be at most") {
+		t.Errorf("KEEP=18446744073709551617: %v\n%s", err, out)
+	}
+	list := e.run("snapshot", "list", e.vol, "d1")
+	if n := strings.Count(list, "\nnightly-2"); n != 3 {
+		t.Errorf("KEEP=18446744073709551617: %d nightly snapshots left, want 3:\n%s", n, list)
+	}
+}
