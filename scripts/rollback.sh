@@ -15,7 +15,8 @@
 # the disk must not be in use.
 # File systems on partitions of the loop device (losetup -P), and a file
 # system mounted in more than one place (bind mounts), are refused: unmount
-# them first. ENCDISK names the binary.
+# them first. Runs on one volume (and snapshot-nightly.sh) wait for each
+# other (an flock on VOL). ENCDISK names the binary.
 set -euo pipefail
 if [ $# -lt 3 ] || [ $# -gt 4 ]; then
 	echo "usage: $0 VOL DISK SNAPSHOT [MOUNTPOINT]" >&2
@@ -23,6 +24,14 @@ if [ $# -lt 3 ] || [ $# -gt 4 ]; then
 fi
 vol=$1 disk=$2 snap=$3 mp=${4:-}
 encdisk=${ENCDISK:-encdisk}
+
+# One run at a time per volume, as snapshot-nightly.sh: two rollbacks at
+# once took the same file system down and up under each other, and both
+# failed. The lock is an flock on the volume directory; a VOL that cannot be
+# opened is left to encdisk to report.
+if { exec 9<"$vol"; } 2>/dev/null; then
+	flock 9
+fi
 
 # Refuse early, before touching anything, if the snapshot is not this disk's.
 "$encdisk" snapshot show "$vol" "$snap" >/dev/null

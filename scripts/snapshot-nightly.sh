@@ -33,9 +33,9 @@ encdisk=${ENCDISK:-encdisk}
 # One run at a time per volume (cron overlapping a manual run, two disks'
 # jobs at 02:15): two runs pruning at once would both delete the same oldest
 # snapshot, and one of them fail with "no such snapshot". The lock is an
-# flock on the volume directory; a VOL that cannot be opened is left to
-# encdisk to report (2>/dev/null on the group only: on exec itself it would
-# silence the rest of the script).
+# flock on the volume directory, shared with rollback.sh; a VOL that cannot
+# be opened is left to encdisk to report (2>/dev/null on the group only: on
+# exec itself it would silence the rest of the script).
 if { exec 9<"$vol"; } 2>/dev/null; then
 	flock 9
 fi

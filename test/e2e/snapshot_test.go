@@ -537,3 +537,45 @@ func TestNightlyKeepTooLarge(t *testing.T) {
 		t.Errorf("KEEP=18446744073709551617: %d nightly snapshots left, want 3:\n%s", n, list)
 	}
 }
+
+// TestRollbackConcurrent: two rollback.sh of one disk at once (a retry
+// while the first still runs) both succeed, one after the other, and leave
+// the file system mounted and rolled back; they used to take it down and
+// up under each other, and both failed.
+func TestRollbackConcurrent(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d1", "--size", "64MiB", "--encrypted")
+	e.mount()
+	file := filepath.Join(e.mnt, "d1")
+	sh(t, "mkfs.ext4", "-q", file)
+	fsDir := filepath.Join(e.dir, "fs")
+	cleanupLoopMounts(t, fsDir)
+	loopMount(t, file, fsDir, "--direct-io=on")
+	after := e.writeAfterSnapshot(fsDir, "d1", "s1")
+
+	for round := 0; round < 2; round++ {
+		errs := make(chan string, 2)
+		for j := 0; j < 2; j++ {
+			go func() {
+				out, err := e.runScript(nil, "rollback.sh", e.vol, "d1", "s1", e.mnt)
+				if err != nil {
+					errs <- err.Error() + "\n" + out
+				} else {
+					errs <- ""
+				}
+			}()
+		}
+		for j := 0; j < 2; j++ {
+			if msg := <-errs; msg != "" {
+				t.Errorf("round %d: a concurrent rollback.sh failed: %s", round, msg)
+			}
+		}
+		if exec.Command("mountpoint", "-q", fsDir).Run() != nil {
+			t.Fatalf("round %d: %s is not mounted after two rollbacks", round, fsDir)
+		}
+		if _, err := os.Stat(after); !os.IsNotExist(err) {
+			t.Errorf("round %d: a file written after the snapshot is still there: %v", round, err)
+		}
+	}
+}
