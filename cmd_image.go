@@ -428,7 +428,7 @@ func runImageExport(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := checkExportPath(c, vol, name, out, abs); err != nil {
+	if err := checkExportPath(vol, name, out, abs); err != nil {
 		return err
 	}
 	var res volume.ExportResult
@@ -456,11 +456,11 @@ func runImageExport(c *cli.Context) error {
 	return nil
 }
 
-// checkExportPath refuses an export into the volume's own directory or its
-// keystore, or into any other volume or keystore directory: with --force the
-// image would replace meta.db, the pool or keystore.json, and every disk or
-// key with it.
-func checkExportPath(c *cli.Context, vol, name, out, abs string) error {
+// checkExportPath refuses an export into an encdisk mount, or into any
+// volume or keystore directory (the volume's own, or any other): with --force
+// the image would replace meta.db, the pool or keystore.json, and every disk
+// or key with it.
+func checkExportPath(vol, name, out, abs string) error {
 	absVol, err := filepath.Abs(vol)
 	if err != nil {
 		return err
@@ -468,36 +468,24 @@ func checkExportPath(c *cli.Context, vol, name, out, abs string) error {
 	hint := func(err error) error {
 		return withHint(err, "write the image somewhere else, e.g. `--out %s`", filepath.Join(filepath.Dir(absVol), name+".raw"))
 	}
-	if isInside(abs, absVol) {
-		return hint(usageErrorf("image export: --out %s is inside the volume %s, whose own files it could overwrite", out, vol))
-	}
 	if mp := encdiskMountOf(abs); mp != "" {
 		return hint(usageErrorf("image export: --out %s is inside the encdisk mount %s, which holds only disk files", out, mp))
 	}
-	dirs := []string{}
-	if info, err := volume.ReadInfo(absVol); err == nil && info.KeystoreDir != "" {
-		dirs = append(dirs, info.KeystoreDir)
+	// A damaged or newer volume.json is a volume's too.
+	isVolume := func(d string) bool {
+		_, err := volume.ReadInfo(d)
+		return !errors.Is(err, volume.ErrNotVolume)
 	}
-	if e, err := loadEnv(c); err == nil {
-		if d, _, err := e.keystoreFor(absVol); err == nil {
-			dirs = append(dirs, d)
-		}
-	}
-	for _, d := range dirs {
-		if isInside(abs, d) {
-			return hint(usageErrorf("image export: --out %s is inside the keystore %s, whose files it could overwrite", out, d))
-		}
-	}
-	// Nor into any other volume or keystore: --force would replace its
-	// meta.db, pool or keystore.json as well.
+	own := resolvePath(absVol)
 	for d := filepath.Dir(resolvePath(abs)); ; d = filepath.Dir(d) {
-		if _, err := volume.ReadInfo(d); err == nil {
+		switch {
+		case d == own:
+			return hint(usageErrorf("image export: --out %s is inside the volume %s, whose own files it could overwrite", out, vol))
+		case isVolume(d):
 			return hint(usageErrorf("image export: --out %s is inside the encdisk volume %s, whose files it could overwrite", out, d))
-		}
-		if keystore.Exists(d) {
+		case keystore.Exists(d):
 			return hint(usageErrorf("image export: --out %s is inside the keystore %s, whose files it could overwrite", out, d))
-		}
-		if d == filepath.Dir(d) {
+		case d == filepath.Dir(d):
 			return nil
 		}
 	}
