@@ -821,28 +821,21 @@ func (v *Volume) ListDisks() ([]DiskInfo, error) {
 }
 
 // ShowDisk describes one disk.
-func (v *Volume) ShowDisk(name string) (*DiskInfo, error) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	d, err := v.lookup(name)
-	if err != nil {
-		return nil, err
-	}
-	di := v.info(d)
-	return &di, nil
-}
+func (v *Volume) ShowDisk(name string) (*DiskInfo, error) { return v.showDisk(name, v.info) }
 
 // StatDisk is ShowDisk without OpenBy, for a file system's stat: finding who
 // holds a disk open can mean a scan of the machine's loop devices, under
 // the volume's lock.
-func (v *Volume) StatDisk(name string) (*DiskInfo, error) {
+func (v *Volume) StatDisk(name string) (*DiskInfo, error) { return v.showDisk(name, v.statInfo) }
+
+func (v *Volume) showDisk(name string, info func(*disk) DiskInfo) (*DiskInfo, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	d, err := v.lookup(name)
 	if err != nil {
 		return nil, err
 	}
-	di := v.statInfo(d)
+	di := info(d)
 	return &di, nil
 }
 

@@ -29,12 +29,7 @@ const chunk = 1 << 20 // the unit TestENOSPC writes and checks
 // writing must work again. At the end the volume is unmounted and mounted
 // again, and everything fsynced is checked once more.
 func TestENOSPC(t *testing.T) {
-	need(t)
-	dir := t.TempDir()
-	small := filepath.Join(dir, "small")
-	mountDev(t, "tmpfs", small, "-t", "tmpfs", "-o", "size=64m,mode=0700")
-	e := newEnvAt(t, dir, filepath.Join(small, "vol"))
-	e.run("init", e.vol, "--keystore", e.kms)
+	e, small := smallVolume(t)
 	e.run("disk", "create", e.vol, "d", "--size", "256MiB", "--encrypted")
 	ballast := filepath.Join(small, "ballast")
 	if err := os.WriteFile(ballast, make4(4<<20), 0o600); err != nil {
@@ -287,12 +282,7 @@ func checkChunk(buf []byte, i int, tag uint64, scratch []byte) error {
 // commit the pending writes together with the deletion, which it cannot
 // take back, and so stop the volume: EIO on every disk until a remount.)
 func TestENOSPCPendingCommit(t *testing.T) {
-	need(t)
-	dir := t.TempDir()
-	small := filepath.Join(dir, "small")
-	mountDev(t, "tmpfs", small, "-t", "tmpfs", "-o", "size=64m,mode=0700")
-	e := newEnvAt(t, dir, filepath.Join(small, "vol"))
-	e.run("init", e.vol, "--keystore", e.kms)
+	e, small := smallVolume(t)
 	e.run("disk", "create", e.vol, "d", "--size", "16GiB", "--encrypted")
 	e.run("disk", "create", e.vol, "o", "--size", "64MiB", "--encrypted")
 	e.mount()
@@ -308,32 +298,14 @@ func TestENOSPCPendingCommit(t *testing.T) {
 
 	// Leave 20 MiB: room for the 16 MiB of data, not for the 32 MiB of
 	// block-map nodes (8 KiB each in meta.db) beyond the room kept there.
-	var st unix.Statfs_t
-	if err := unix.Statfs(small, &st); err != nil {
-		t.Fatal(err)
-	}
-	ballast := filepath.Join(small, "ballast")
-	if n := int64(st.Bavail)*int64(st.Bsize) - 20<<20; n > 0 {
-		sh(t, "fallocate", "-l", fmt.Sprint(n), ballast)
-	}
+	ballast := leaveFree(t, small, 20<<20)
 	d, err := os.OpenFile(filepath.Join(e.mnt, "d"), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	const n = 4096
+	written := scatter(t, d, 0, 1)
 	blk := make([]byte, blockSize)
-	written := 0
-	for i := 0; i < n; i++ {
-		fillBlock(blk, uint64(i)*512, 1)
-		if _, err := d.WriteAt(blk, int64(i)*2<<20); err != nil {
-			if !errors.Is(err, syscall.ENOSPC) {
-				t.Fatalf("scattered write %d: %v, want ENOSPC", i, err)
-			}
-			break
-		}
-		written++
-	}
 	err = d.Sync()
 	t.Logf("%d scattered writes; fsync: %v", written, err)
 	if err != nil && !errors.Is(err, syscall.ENOSPC) {
@@ -388,12 +360,7 @@ func TestENOSPCPendingCommit(t *testing.T) {
 // the error only in daemon.log. After space is freed the volume mounts
 // again at its last commit.
 func TestENOSPCUmount(t *testing.T) {
-	need(t)
-	dir := t.TempDir()
-	small := filepath.Join(dir, "small")
-	mountDev(t, "tmpfs", small, "-t", "tmpfs", "-o", "size=64m,mode=0700")
-	e := newEnvAt(t, dir, filepath.Join(small, "vol"))
-	e.run("init", e.vol, "--keystore", e.kms)
+	e, small := smallVolume(t)
 	e.run("disk", "create", e.vol, "d", "--size", "16GiB", "--encrypted")
 	e.mount()
 	c := &chunks{t: t, path: filepath.Join(e.mnt, "d"), expect: map[int]uint64{}}
@@ -401,24 +368,8 @@ func TestENOSPCUmount(t *testing.T) {
 	c.mustWrite(0, 1)
 	c.mustSync("d")
 
-	var st unix.Statfs_t
-	if err := unix.Statfs(small, &st); err != nil {
-		t.Fatal(err)
-	}
-	ballast := filepath.Join(small, "ballast")
-	if n := int64(st.Bavail)*int64(st.Bsize) - 20<<20; n > 0 {
-		sh(t, "fallocate", "-l", fmt.Sprint(n), ballast)
-	}
-	blk := make([]byte, blockSize)
-	for i := 1; i < 4096; i++ { // one block every 2 MiB: a node each
-		fillBlock(blk, uint64(i)*512, 2)
-		if _, err := c.f.WriteAt(blk, int64(i)*2<<20); err != nil {
-			if !errors.Is(err, syscall.ENOSPC) {
-				t.Fatalf("scattered write %d: %v, want ENOSPC", i, err)
-			}
-			break
-		}
-	}
+	ballast := leaveFree(t, small, 20<<20)
+	scatter(t, c.f, 1, 2)
 	if err := c.f.Sync(); !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("fsync of the scattered writes: %v, want ENOSPC (the test needs their metadata not to fit)", err)
 	}
@@ -442,4 +393,50 @@ func TestENOSPCUmount(t *testing.T) {
 	if out := e.run("check", e.vol); !strings.Contains(out, "consistent") {
 		t.Fatalf("check: %s", out)
 	}
+}
+
+// smallVolume makes a volume on a 64 MiB tmpfs of its own; it returns the
+// volume's env and the tmpfs's directory.
+func smallVolume(t *testing.T) (*env, string) {
+	t.Helper()
+	need(t)
+	dir := t.TempDir()
+	small := filepath.Join(dir, "small")
+	mountDev(t, "tmpfs", small, "-t", "tmpfs", "-o", "size=64m,mode=0700")
+	e := newEnvAt(t, dir, filepath.Join(small, "vol"))
+	e.run("init", e.vol, "--keystore", e.kms)
+	return e, small
+}
+
+// leaveFree fills the file system at dir with a ballast file until free
+// bytes are left, and returns the ballast's path (to remove to free space).
+func leaveFree(t *testing.T, dir string, free int64) string {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	ballast := filepath.Join(dir, "ballast")
+	if n := int64(st.Bavail)*int64(st.Bsize) - free; n > 0 {
+		sh(t, "fallocate", "-l", fmt.Sprint(n), ballast)
+	}
+	return ballast
+}
+
+// scatter writes block i (tagged tag) at i*2 MiB of f, one block-map node
+// each, for i from first up to 4096 or the first ENOSPC, and returns the
+// index it stopped at. Any other error fails the test.
+func scatter(t *testing.T, f *os.File, first int, tag uint64) int {
+	t.Helper()
+	blk := make([]byte, blockSize)
+	for i := first; i < 4096; i++ {
+		fillBlock(blk, uint64(i)*512, tag)
+		if _, err := f.WriteAt(blk, int64(i)*2<<20); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("scattered write %d: %v, want ENOSPC", i, err)
+			}
+			return i
+		}
+	}
+	return 4096
 }

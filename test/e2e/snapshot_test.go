@@ -176,6 +176,47 @@ func (e *env) rollBack(disk, snap, after string) string {
 	return out
 }
 
+// ext4WithSnapshot makes a volume with a 64 MiB encrypted disk d1 and
+// mounts it, puts ext4 on d1 and mounts that through a loop device
+// (losetupArgs) on e.dir/name, then snapshots d1 as s1 and writes after.bin
+// past it (writeAfterSnapshot). It returns the file system's directory and
+// after.bin's path.
+func (e *env) ext4WithSnapshot(name string, losetupArgs ...string) (fsDir, after string) {
+	e.t.Helper()
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d1", "--size", "64MiB", "--encrypted")
+	e.mount()
+	file := filepath.Join(e.mnt, "d1")
+	sh(e.t, "mkfs.ext4", "-q", file)
+	fsDir = filepath.Join(e.dir, name)
+	cleanupLoopMounts(e.t, fsDir)
+	loopMount(e.t, file, fsDir, losetupArgs...)
+	return fsDir, e.writeAfterSnapshot(fsDir, "d1", "s1")
+}
+
+// scriptTwiceAtOnce runs two copies of a script at the same time and
+// returns what each that failed said (its error and output).
+func (e *env) scriptTwiceAtOnce(name string, args ...string) []string {
+	errs := make(chan string, 2)
+	for range 2 {
+		go func() {
+			out, err := e.runScript(nil, name, args...)
+			if err != nil {
+				errs <- err.Error() + "\n" + out
+			} else {
+				errs <- ""
+			}
+		}()
+	}
+	var failed []string
+	for range 2 {
+		if msg := <-errs; msg != "" {
+			failed = append(failed, msg)
+		}
+	}
+	return failed
+}
+
 // cleanupLoopMounts unmounts, when the test ends, whatever is still mounted
 // on dirs, in order, and detaches its loop device: rollback.sh replaces the
 // loop device a test set up.
@@ -329,15 +370,7 @@ func TestNightlyKeepDecimal(t *testing.T) {
 // at that path, not left alone with a silent failure.
 func TestRollbackMountPathWithSpace(t *testing.T) {
 	e := newEnv(t)
-	e.run("init", e.vol, "--keystore", e.kms)
-	e.run("disk", "create", e.vol, "d1", "--size", "64MiB", "--encrypted")
-	e.mount()
-	file := filepath.Join(e.mnt, "d1")
-	sh(t, "mkfs.ext4", "-q", file)
-	fsDir := filepath.Join(e.dir, "my fs")
-	cleanupLoopMounts(t, fsDir)
-	loopMount(t, file, fsDir)
-	after := e.writeAfterSnapshot(fsDir, "d1", "s1")
+	fsDir, after := e.ext4WithSnapshot("my fs")
 
 	out := e.rollBack("d1", "s1", after)
 	if !strings.Contains(out, fsDir+" mounted again") {
@@ -416,21 +449,8 @@ func TestNightlyConcurrent(t *testing.T) {
 		e.script("snapshot-nightly.sh", e.vol, "d1", "2")
 	}
 	for round := 0; round < 5; round++ {
-		errs := make(chan string, 2)
-		for j := 0; j < 2; j++ {
-			go func() {
-				out, err := e.runScript(nil, "snapshot-nightly.sh", e.vol, "d1", "2")
-				if err != nil {
-					errs <- err.Error() + "\n" + out
-				} else {
-					errs <- ""
-				}
-			}()
-		}
-		for j := 0; j < 2; j++ {
-			if msg := <-errs; msg != "" {
-				t.Errorf("round %d: a concurrent snapshot-nightly.sh failed: %s", round, msg)
-			}
+		for _, msg := range e.scriptTwiceAtOnce("snapshot-nightly.sh", e.vol, "d1", "2") {
+			t.Errorf("round %d: a concurrent snapshot-nightly.sh failed: %s", round, msg)
 		}
 	}
 	list := e.run("snapshot", "list", e.vol, "d1")
@@ -486,15 +506,7 @@ func TestNightlyPrunesPastHeldSnapshot(t *testing.T) {
 // exits, instead of leaving it unmounted and the loop device detached.
 func TestRollbackInterruptedPutsBack(t *testing.T) {
 	e := newEnv(t)
-	e.run("init", e.vol, "--keystore", e.kms)
-	e.run("disk", "create", e.vol, "d1", "--size", "64MiB", "--encrypted")
-	e.mount()
-	file := filepath.Join(e.mnt, "d1")
-	sh(t, "mkfs.ext4", "-q", file)
-	fsDir := filepath.Join(e.dir, "fs")
-	cleanupLoopMounts(t, fsDir)
-	loopMount(t, file, fsDir, "--direct-io=on")
-	after := e.writeAfterSnapshot(fsDir, "d1", "s1")
+	fsDir, after := e.ext4WithSnapshot("fs", "--direct-io=on")
 
 	// ENCDISK that, at the reset, sends SIGTERM to the script (a timeout,
 	// an impatient operator) and fails.
@@ -544,32 +556,11 @@ func TestNightlyKeepTooLarge(t *testing.T) {
 // up under each other, and both failed.
 func TestRollbackConcurrent(t *testing.T) {
 	e := newEnv(t)
-	e.run("init", e.vol, "--keystore", e.kms)
-	e.run("disk", "create", e.vol, "d1", "--size", "64MiB", "--encrypted")
-	e.mount()
-	file := filepath.Join(e.mnt, "d1")
-	sh(t, "mkfs.ext4", "-q", file)
-	fsDir := filepath.Join(e.dir, "fs")
-	cleanupLoopMounts(t, fsDir)
-	loopMount(t, file, fsDir, "--direct-io=on")
-	after := e.writeAfterSnapshot(fsDir, "d1", "s1")
+	fsDir, after := e.ext4WithSnapshot("fs", "--direct-io=on")
 
 	for round := 0; round < 2; round++ {
-		errs := make(chan string, 2)
-		for j := 0; j < 2; j++ {
-			go func() {
-				out, err := e.runScript(nil, "rollback.sh", e.vol, "d1", "s1", e.mnt)
-				if err != nil {
-					errs <- err.Error() + "\n" + out
-				} else {
-					errs <- ""
-				}
-			}()
-		}
-		for j := 0; j < 2; j++ {
-			if msg := <-errs; msg != "" {
-				t.Errorf("round %d: a concurrent rollback.sh failed: %s", round, msg)
-			}
+		for _, msg := range e.scriptTwiceAtOnce("rollback.sh", e.vol, "d1", "s1", e.mnt) {
+			t.Errorf("round %d: a concurrent rollback.sh failed: %s", round, msg)
 		}
 		if exec.Command("mountpoint", "-q", fsDir).Run() != nil {
 			t.Fatalf("round %d: %s is not mounted after two rollbacks", round, fsDir)
