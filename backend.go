@@ -82,7 +82,7 @@ func snapEntry(s *volume.SnapshotInfo) fs.DiskEntry {
 }
 
 func (b backend) Snapshots(disk string) ([]fs.DiskEntry, error) {
-	ss, err := b.v.ListSnapshots(disk)
+	ss, err := b.v.StatSnapshots(disk)
 	if err != nil {
 		return nil, errno(err)
 	}
@@ -96,7 +96,7 @@ func (b backend) Snapshots(disk string) ([]fs.DiskEntry, error) {
 func (b backend) SnapshotDisks() ([]string, error) { return b.v.SnapshotDisks(), nil }
 
 func (b backend) StatSnapshot(disk, snap string) (fs.DiskEntry, error) {
-	s, err := b.v.ShowSnapshot(snap)
+	s, err := b.v.StatSnapshot(snap)
 	if err != nil {
 		return fs.DiskEntry{}, errno(err)
 	}

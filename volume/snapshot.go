@@ -65,7 +65,18 @@ type SnapshotInfo struct {
 	Group string `json:"group"`
 }
 
+// snapInfo is s's SnapshotInfo with who has its view open (v.mu held).
 func (v *Volume) snapInfo(s *snapshot) SnapshotInfo {
+	si := v.snapStatInfo(s)
+	if s.view != nil {
+		si.OpenBy = v.openers(s.view)
+	}
+	return si
+}
+
+// snapStatInfo is snapInfo without OpenBy, as statInfo is for disks: what
+// the mount's stat and readdir of .snapshots need (v.mu held).
+func (v *Volume) snapStatInfo(s *snapshot) SnapshotInfo {
 	r := &s.rec
 	si := SnapshotInfo{
 		ID: r.ID, Name: r.Name, DiskID: r.DiskID, Disk: r.DiskName, Size: r.Size,
@@ -75,9 +86,6 @@ func (v *Volume) snapInfo(s *snapshot) SnapshotInfo {
 	}
 	if d := v.disks[r.DiskName]; d == nil || d.rec.ID != r.DiskID {
 		si.DiskDeleted = true
-	}
-	if s.view != nil {
-		si.OpenBy = v.openers(s.view)
 	}
 	return si
 }
@@ -246,6 +254,16 @@ func (v *Volume) CreateSnapshot(diskName, name string) (*SnapshotInfo, error) {
 // Those are listed under the deleted disk's name while no disk has it, and
 // always under its id (see [SnapshotInfo].Group).
 func (v *Volume) ListSnapshots(diskName string) ([]SnapshotInfo, error) {
+	return v.listSnapshots(diskName, v.snapInfo)
+}
+
+// StatSnapshots is ListSnapshots without OpenBy, for a file system's
+// readdir (see [Volume.StatDisk]).
+func (v *Volume) StatSnapshots(diskName string) ([]SnapshotInfo, error) {
+	return v.listSnapshots(diskName, v.snapStatInfo)
+}
+
+func (v *Volume) listSnapshots(diskName string, info func(*snapshot) SnapshotInfo) ([]SnapshotInfo, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if diskName != "" && v.disks[diskName] == nil && !v.hasSnapsOf(diskName) {
@@ -254,7 +272,7 @@ func (v *Volume) ListSnapshots(diskName string) ([]SnapshotInfo, error) {
 	out := []SnapshotInfo{}
 	for _, s := range v.snaps {
 		if diskName == "" || v.snapOf(s, diskName) {
-			out = append(out, v.snapInfo(s))
+			out = append(out, info(s))
 		}
 	}
 	sort.Slice(out, func(i, j int) bool {
@@ -292,13 +310,23 @@ func (v *Volume) snapOf(s *snapshot, disk string) bool {
 
 // ShowSnapshot describes one snapshot.
 func (v *Volume) ShowSnapshot(name string) (*SnapshotInfo, error) {
+	return v.showSnapshot(name, v.snapInfo)
+}
+
+// StatSnapshot is ShowSnapshot without OpenBy, for a file system's stat
+// (see [Volume.StatDisk]).
+func (v *Volume) StatSnapshot(name string) (*SnapshotInfo, error) {
+	return v.showSnapshot(name, v.snapStatInfo)
+}
+
+func (v *Volume) showSnapshot(name string, info func(*snapshot) SnapshotInfo) (*SnapshotInfo, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	s, err := v.lookupSnap(name)
 	if err != nil {
 		return nil, err
 	}
-	si := v.snapInfo(s)
+	si := info(s)
 	return &si, nil
 }
 

@@ -725,9 +725,10 @@ func TestDiskModified(t *testing.T) {
 	}
 }
 
-// The mount's stat and readdir (StatDisk, AttachedDisks) do not ask the
-// Opener, which may scan the machine's loop devices under the volume's
-// lock; ShowDisk does, and says who has the disk open.
+// The mount's stat and readdir (StatDisk, AttachedDisks, and for snapshot
+// views StatSnapshot and StatSnapshots) do not ask the Opener, which may
+// scan the machine's loop devices under the volume's lock; ShowDisk,
+// ShowSnapshot and ListSnapshots do, and say who has it open.
 func TestStatDiskSkipsOpener(t *testing.T) {
 	tv := newTestVol(t, false)
 	tv.v.Close()
@@ -760,6 +761,35 @@ func TestStatDiskSkipsOpener(t *testing.T) {
 	}
 	if _, err := v.StatDisk("nope"); !errors.Is(err, ErrNotFound) {
 		t.Errorf("StatDisk(nope) = %v, want ErrNotFound", err)
+	}
+
+	// A snapshot's view open (losetup -r of .snapshots/d/s) likewise.
+	if _, err := v.CreateSnapshot("d", "s"); err != nil {
+		t.Fatal(err)
+	}
+	view, err := v.OpenSnapshot("d", "s", "view")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer view.Close()
+	calls = 0
+	if si, err := v.StatSnapshot("s"); err != nil || si.OpenBy != nil || si.Allocated != SectorSize {
+		t.Errorf("StatSnapshot = %+v, %v, want no OpenBy, 4 KiB allocated", si, err)
+	}
+	if ss, err := v.StatSnapshots("d"); err != nil || len(ss) != 1 || ss[0].OpenBy != nil {
+		t.Errorf("StatSnapshots = %+v, %v, want s without OpenBy", ss, err)
+	}
+	if calls != 0 {
+		t.Errorf("StatSnapshot and StatSnapshots called the Opener %d times", calls)
+	}
+	if si, err := v.ShowSnapshot("s"); err != nil || len(si.OpenBy) != 1 || si.OpenBy[0] != "view (described)" || calls != 1 {
+		t.Errorf("ShowSnapshot = %+v, %v (Opener called %d times), want OpenBy [view (described)]", si, err, calls)
+	}
+	if ss, err := v.ListSnapshots("d"); err != nil || len(ss) != 1 || len(ss[0].OpenBy) != 1 || calls != 2 {
+		t.Errorf("ListSnapshots = %+v, %v (Opener called %d times), want s with OpenBy", ss, err, calls)
+	}
+	if _, err := v.StatSnapshot("nope"); !errors.Is(err, ErrNoSnapshot) {
+		t.Errorf("StatSnapshot(nope) = %v, want ErrNoSnapshot", err)
 	}
 }
 
