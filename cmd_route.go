@@ -458,8 +458,10 @@ func hintFor(err error) string {
 }
 
 // loopOpenerRE matches an opener that is a loop device ("loop device
-// /dev/loop3 (set up by pid 42 (losetup))", see mountOpener).
-var loopOpenerRE = regexp.MustCompile(`loop device [^(]*\(set up by [^()]*(\([^()]*\))?\)`)
+// /dev/loop3 (set up by pid 42 (losetup))", "loop devices /dev/loop3,
+// /dev/loop4 (set up by pid 42 (losetup), pid 43 (losetup))", see
+// mountOpener).
+var loopOpenerRE = regexp.MustCompile(`loop devices? [^(]*\(set up by [^()]*(\([^()]*\)[^()]*)*\)`)
 
 // inUseHint is the advice for an "in use" refusal whose message names the
 // openers: take down the file system and the loop device, stop a program

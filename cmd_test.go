@@ -387,6 +387,8 @@ func TestInUseHint(t *testing.T) {
 		{"pid 7 (fio)", "close it first: stop the program that has it open (or wait for it to finish), then retry"},
 		{"pid 7, since exited", "close it first: stop the program that has it open (or wait for it to finish), then retry"},
 		{"loop device /dev/loop3 (set up by pid 42 (losetup)), pid 7 (qemu)", "losetup -d DEVICE`), and stop the program that has it open (or wait for it to finish), then retry"},
+		{"loop devices /dev/loop3, /dev/loop4 (set up by pid 42 (losetup), pid 43 (losetup))", "losetup -d DEVICE`)"},
+		{"loop devices /dev/loop3, /dev/loop4 (set up by pid 42 (losetup), pid 43 (losetup)), pid 7 (qemu)", "losetup -d DEVICE`), and stop the program that has it open (or wait for it to finish), then retry"},
 	}
 	for _, tt := range tests {
 		got := hintFor(fmt.Errorf(pre+tt.openers, volume.ErrInUse))

@@ -31,31 +31,51 @@ func loopDevices(path string, under bool) []string {
 	return out
 }
 
-// mountOpener describes the opener of a file in the mount at mp for
+// mountOpener describes the openers of a file in the mount at mp for
 // volume.OpenOptions.Opener. An open is recorded as "pid N (comm)" of the
 // process that made it. For a loop device that is losetup, which exits at
 // once while the device holds the file open: the pid then names nothing,
-// and what the user needs is the device to detach. So an open whose process
-// has exited is described by the loop devices backed by the file, if any,
-// and one whose process lives by its command now (a shell that opened the
-// disk may have become the program it ran, as in `sh -c 'exec sleep 9 <d'`).
-func mountOpener(mp string) func(disk, snapshot, who string) string {
-	return func(disk, snapshot, who string) string {
-		pid, ok := openerPID(who)
-		if !ok {
-			return who
+// and what the user needs is the device to detach. So the opens whose
+// process has exited are described together by the loop devices backed by
+// the file, if any ("loop devices /dev/loop0, /dev/loop1 (set up by pid 7
+// (losetup), pid 9 (losetup))": which device came from which open is not
+// to be known), and one whose process lives by its command now (a shell
+// that opened the disk may have become the program it ran, as in
+// `sh -c 'exec sleep 9 <d'`).
+func mountOpener(mp string) func(disk, snapshot string, whos []string) []string {
+	return func(disk, snapshot string, whos []string) []string {
+		var out, gone []string
+		for _, who := range whos {
+			pid, ok := openerPID(who)
+			if !ok {
+				out = append(out, who)
+				continue
+			}
+			if comm, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm"); err == nil {
+				out = append(out, fmt.Sprintf("pid %d (%s)", pid, strings.TrimSpace(string(comm))))
+				continue
+			}
+			gone = append(gone, who)
 		}
-		if comm, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm"); err == nil {
-			return fmt.Sprintf("pid %d (%s)", pid, strings.TrimSpace(string(comm)))
+		if len(gone) == 0 {
+			return out
 		}
 		path := filepath.Join(mp, disk)
 		if snapshot != "" {
 			path = filepath.Join(mp, ".snapshots", disk, snapshot)
 		}
-		if loops := loopDevices(path, false); len(loops) > 0 {
-			return fmt.Sprintf("loop device %s (set up by %s)", strings.Join(loops, ", "), who)
+		loops := loopDevices(path, false)
+		if len(loops) == 0 {
+			for _, who := range gone {
+				out = append(out, who+", since exited")
+			}
+			return out
 		}
-		return who + ", since exited"
+		what := "loop device"
+		if len(loops) > 1 {
+			what = "loop devices"
+		}
+		return append(out, fmt.Sprintf("%s %s (set up by %s)", what, strings.Join(loops, ", "), strings.Join(gone, ", ")))
 	}
 }
 

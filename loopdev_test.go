@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -44,14 +45,22 @@ func TestMountOpener(t *testing.T) {
 	// A live process is named by its command now, not the one recorded.
 	self := "pid " + strconv.Itoa(os.Getpid()) + " (" + strings.TrimSpace(string(comm)) + ")"
 	open := mountOpener("/mnt/disks")
-	for _, c := range []struct{ disk, snap, who, want string }{
-		{"d1", "", gone, "loop device /dev/loop0, /dev/loop5 (set up by pid 99999999 (losetup))"},
-		{"d1", "s1", gone, "loop device /dev/loop2 (set up by pid 99999999 (losetup))"},
-		{"d2", "", gone, "pid 99999999 (losetup), since exited"},
-		{"d1", "", "pid " + strconv.Itoa(os.Getpid()) + " (bash)", self},
-		{"d1", "", "fuzz", "fuzz"}, // not a pid
+	for _, c := range []struct {
+		disk, snap string
+		who, want  []string
+	}{
+		{"d1", "", []string{gone}, []string{"loop devices /dev/loop0, /dev/loop5 (set up by pid 99999999 (losetup))"}},
+		{"d1", "s1", []string{gone}, []string{"loop device /dev/loop2 (set up by pid 99999999 (losetup))"}},
+		{"d2", "", []string{gone}, []string{"pid 99999999 (losetup), since exited"}},
+		{"d1", "", []string{"pid " + strconv.Itoa(os.Getpid()) + " (bash)"}, []string{self}},
+		{"d1", "", []string{"fuzz"}, []string{"fuzz"}}, // not a pid
+		// Two losetups, both exited, and a live program: the loop devices
+		// once, not once per open (which device is whose cannot be known).
+		{"d1", "", []string{gone, "pid 99999998 (losetup)", "pid " + strconv.Itoa(os.Getpid()) + " (bash)"},
+			[]string{self, "loop devices /dev/loop0, /dev/loop5 (set up by pid 99999999 (losetup), pid 99999998 (losetup))"}},
+		{"d2", "", []string{gone, "pid 99999998 (losetup)"}, []string{"pid 99999999 (losetup), since exited", "pid 99999998 (losetup), since exited"}},
 	} {
-		if got := open(c.disk, c.snap, c.who); got != c.want {
+		if got := open(c.disk, c.snap, c.who); !slices.Equal(got, c.want) {
 			t.Errorf("opener(%q, %q, %q) = %q, want %q", c.disk, c.snap, c.who, got, c.want)
 		}
 	}

@@ -109,13 +109,15 @@ type OpenOptions struct {
 	// little left to flush. Durability is unchanged: only Sync is a
 	// barrier. Zero: off (the kernel's writeback alone).
 	WriteBehind int
-	// Opener, if set, rewrites an opener's description (the who given to
-	// OpenDisk or OpenSnapshot) where it is shown: the disks' and
-	// snapshots' OpenBy and the in-use errors. The mount uses it to name
-	// the loop device that holds a disk after the program that set it up
-	// has exited. disk names the disk, or for a snapshot's view the group
-	// it is listed under (SnapshotInfo.Group); snapshot is "" for a disk.
-	Opener func(disk, snapshot, who string) string
+	// Opener, if set, rewrites the descriptions of a disk's openers (the
+	// who given to OpenDisk or OpenSnapshot, one per open) where they are
+	// shown: the disks' and snapshots' OpenBy and the in-use errors. It is
+	// given all of them at once and may merge some: the mount uses it to
+	// name the loop devices that hold a disk after the programs that set
+	// them up have exited, in one entry. disk names the disk, or for a
+	// snapshot's view the group it is listed under (SnapshotInfo.Group);
+	// snapshot is "" for a disk.
+	Opener func(disk, snapshot string, who []string) []string
 }
 
 // CreateDiskOptions are the arguments of CreateDisk (SPEC section 7).

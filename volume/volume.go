@@ -616,14 +616,15 @@ func (v *Volume) openers(d *disk) []string {
 	if d.snap != nil {
 		disk, snap = v.snapGroup(d.snap), d.snap.rec.Name
 	}
-	var out []string
+	out := make([]string, 0, len(d.opens))
 	for _, who := range d.opens {
-		if v.opts.Opener != nil {
-			who = v.opts.Opener(disk, snap, who)
-		}
 		out = append(out, who)
 	}
 	sort.Strings(out)
+	if v.opts.Opener != nil {
+		out = v.opts.Opener(disk, snap, out)
+		sort.Strings(out)
+	}
 	return out
 }
 

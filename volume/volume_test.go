@@ -734,7 +734,13 @@ func TestStatDiskSkipsOpener(t *testing.T) {
 	tv.v.Close()
 	calls := 0
 	v, err := Open(tv.dir, OpenOptions{KMS: func() (KMS, error) { return tv.kms, nil },
-		Opener: func(disk, snapshot, who string) string { calls++; return who + " (described)" }})
+		Opener: func(disk, snapshot string, who []string) []string {
+			calls++
+			for i := range who {
+				who[i] += " (described)"
+			}
+			return who
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
