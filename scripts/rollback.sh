@@ -13,9 +13,10 @@
 # are put back unchanged; so they are if the script is interrupted (SIGINT,
 # SIGTERM) or a step fails once they are taken down. Without MOUNTPOINT,
 # the disk must not be in use.
-# File systems on partitions of the loop device (losetup -P), and a file
-# system mounted in more than one place (bind mounts), are refused: unmount
-# them first. Runs on one volume (and snapshot-nightly.sh) wait for each
+# File systems on partitions of the loop device (losetup -P), a file
+# system mounted in more than one place (bind mounts), and a disk on more
+# than one loop device (file systems at several offsets) are refused,
+# before anything is taken down: unmount them first. Runs on one volume (and snapshot-nightly.sh) wait for each
 # other (an flock on VOL). ENCDISK names the binary.
 set -euo pipefail
 if [ $# -lt 3 ] || [ $# -gt 4 ]; then
@@ -84,7 +85,15 @@ onExit() {
 loop="" fsdir="" opts="" attach=() autoclear=0 down=0
 if [ -n "$mp" ]; then
 	file=$mp/$disk
-	loop=$(losetup -n -O NAME -j "$file" | head -n 1 | tr -d ' ')
+	loops=$(losetup -n -O NAME -j "$file" | tr -d ' ')
+	# The script takes one loop device down and up; with two (file systems
+	# at two offsets, as on partitions) the reset would be refused only once
+	# the first file system was down. Refuse before touching anything.
+	if [ "$(printf '%s' "$loops" | grep -c .)" -gt 1 ]; then
+		echo "rollback: $file is attached to more than one loop device ($(echo $loops)): unmount their file systems and detach all but one first" >&2
+		exit 1
+	fi
+	loop=$loops
 fi
 if [ -n "$loop" ]; then
 	parts=$(findmnt -rn -o SOURCE,TARGET | awk -v p="${loop}p" 'index($1, p) == 1 { print $1 " on " $2 }')

@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -312,6 +313,48 @@ func TestRollbackMountVariants(t *testing.T) {
 	// mount -o loop: the loop device goes with the unmount; the rollback
 	// goes through and mounts it again.
 	e.rollBack("d1", "s1", after)
+}
+
+// TestRollbackTwoLoopDevices: a disk on two loop devices (file systems at
+// two offsets, as on partitions) is refused before anything is taken down;
+// the script used to unmount the first, see the reset refused for the
+// second, and put the first back. With one device left it goes through.
+func TestRollbackTwoLoopDevices(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "p", "--size", "128MiB", "--encrypted")
+	e.mount()
+	file := filepath.Join(e.mnt, "p")
+	var devs, dirs []string
+	for i, off := range []string{"1048576", "67108864"} {
+		dev := sh(t, "losetup", "--direct-io=on", "-o", off, "--sizelimit", "33554432", "-f", "--show", file)
+		t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+		dir := filepath.Join(e.dir, "fs"+strconv.Itoa(i))
+		os.MkdirAll(dir, 0o700)
+		cleanupLoopMounts(t, dir)
+		sh(t, "mkfs.ext4", "-q", dev)
+		sh(t, "mount", dev, dir)
+		devs, dirs = append(devs, dev), append(dirs, dir)
+	}
+	sh(t, "sync", "-f", dirs[1])
+	after := e.writeAfterSnapshot(dirs[0], "p", "ps")
+
+	out := e.scriptFails("rollback.sh", e.vol, "p", "ps", e.mnt)
+	if !strings.Contains(out, "more than one loop device ("+devs[0]+" "+devs[1]+")") && !strings.Contains(out, "more than one loop device ("+devs[1]+" "+devs[0]+")") || strings.Contains(out, "unmounting") {
+		t.Errorf("rollback.sh of a disk on two loop devices said:\n%s", out)
+	}
+	for i, dir := range dirs {
+		if src := strings.TrimSpace(sh(t, "findmnt", "-n", "-o", "SOURCE", "--target", dir)); src != devs[i] {
+			t.Errorf("after a refused rollback %s is mounted from %q, want %s", dir, src, devs[i])
+		}
+	}
+	if _, err := os.Stat(after); err != nil {
+		t.Fatalf("a refused rollback changed the file system: %v", err)
+	}
+
+	sh(t, "umount", dirs[1])
+	sh(t, "losetup", "-d", devs[1])
+	e.rollBack("p", "ps", after)
 }
 
 // TestCloneDiskFromSnapshot: a disk made from a snapshot while mounted
