@@ -60,11 +60,17 @@ func mountOpener(mp string) func(disk, snapshot string, whos []string) []string 
 		if len(gone) == 0 {
 			return out
 		}
-		path := filepath.Join(mp, disk)
+		rel := disk
 		if snapshot != "" {
-			path = filepath.Join(mp, ".snapshots", disk, snapshot)
+			rel = filepath.Join(".snapshots", disk, snapshot)
 		}
-		loops := loopDevices(path, false)
+		loops := loopDevices(filepath.Join(mp, rel), false)
+		if len(loops) == 0 && mountDetached(mp) {
+			// After umount -l a loop device keeps the detached mount
+			// alive (and this daemon serving it), and the kernel names
+			// its backing file by the path inside that mount: /DISK.
+			loops = loopDevices("/"+rel, false)
+		}
 		if len(loops) == 0 {
 			for _, who := range gone {
 				out = append(out, who+", since exited")
@@ -78,6 +84,13 @@ func mountOpener(mp string) func(disk, snapshot string, whos []string) []string 
 		return append(out, fmt.Sprintf("%s %s (set up by %s)", what, strings.Join(loops, ", "), strings.Join(gone, ", ")))
 	}
 }
+
+// mountDetached reports whether the mount at mp is gone from the mount
+// table while its daemon still runs: a lazy unmount (umount -l) with a disk
+// held open. It reads /proc/self/mountinfo, never the mount: the Opener runs
+// under the volume's lock, which the mount's own requests take. A variable
+// for tests.
+var mountDetached = func(mp string) bool { return mountTypeAt(mp) != "fuse.encdisk" }
 
 // openerPID parses the pid of "pid N (comm)".
 func openerPID(who string) (int, bool) {

@@ -35,7 +35,11 @@ func fakeLoops(t *testing.T, backing ...string) {
 }
 
 func TestMountOpener(t *testing.T) {
-	fakeLoops(t, "/mnt/disks/d1", "", "/mnt/disks/.snapshots/d1/s1", "/mnt/disks/d10", "/other/d1", "/mnt/disks/d1 (deleted)")
+	fakeLoops(t, "/mnt/disks/d1", "", "/mnt/disks/.snapshots/d1/s1", "/mnt/disks/d10", "/other/d1", "/mnt/disks/d1 (deleted)", "/d3", "/.snapshots/d3/s3")
+	detached := false
+	saved := mountDetached
+	mountDetached = func(mp string) bool { return detached }
+	t.Cleanup(func() { mountDetached = saved })
 	// A pid that no longer exists: above pid_max, never a live process.
 	const gone = "pid 99999999 (losetup)"
 	comm, err := os.ReadFile("/proc/self/comm")
@@ -64,6 +68,23 @@ func TestMountOpener(t *testing.T) {
 			t.Errorf("opener(%q, %q, %q) = %q, want %q", c.disk, c.snap, c.who, got, c.want)
 		}
 	}
+	// After umount -l of the mount (a loop device keeping it alive) the
+	// kernel names the backing file by its path in the detached mount.
+	for _, c := range []struct {
+		detached         bool
+		disk, snap, want string
+	}{
+		{false, "d3", "", "pid 99999999 (losetup), since exited"},
+		{true, "d3", "", "loop device /dev/loop6 (set up by pid 99999999 (losetup))"},
+		{true, "d3", "s3", "loop device /dev/loop7 (set up by pid 99999999 (losetup))"},
+		{true, "d1", "", "loop devices /dev/loop0, /dev/loop5 (set up by pid 99999999 (losetup))"},
+	} {
+		detached = c.detached
+		if got := open(c.disk, c.snap, []string{gone}); len(got) != 1 || got[0] != c.want {
+			t.Errorf("detached %v: opener(%q, %q) = %q, want %q", c.detached, c.disk, c.snap, got, c.want)
+		}
+	}
+	detached = false
 	if got, want := loopHint("/mnt/disks"), "detach the loop devices on its disks (`losetup -d /dev/loop0 /dev/loop2 /dev/loop3 /dev/loop5`)"; got != want {
 		t.Errorf("loopHint = %q, want %q", got, want)
 	}
