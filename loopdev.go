@@ -15,6 +15,14 @@ var sysBlock = "/sys/block"
 // loopDevices lists the loop devices whose backing file is path, or is
 // below path when under is set, as "/dev/loopN", sorted.
 func loopDevices(path string, under bool) []string {
+	return loopDevicesWhere(func(backing string) bool {
+		return backing == path || under && strings.HasPrefix(backing, path+"/")
+	})
+}
+
+// loopDevicesWhere lists the loop devices whose backing file matches, as
+// "/dev/loopN", sorted.
+func loopDevicesWhere(match func(backing string) bool) []string {
 	files, _ := filepath.Glob(filepath.Join(sysBlock, "loop*", "loop", "backing_file"))
 	var out []string
 	for _, f := range files {
@@ -22,13 +30,31 @@ func loopDevices(path string, under bool) []string {
 		if err != nil {
 			continue
 		}
-		backing := strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
-		if backing == path || under && strings.HasPrefix(backing, path+"/") {
+		if match(strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")) {
 			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(f))))
 		}
 	}
 	sort.Strings(out)
 	return out
+}
+
+// openedAs matches the backing file of a loop device on the disk, or on the
+// snapshot's view, in the mount rooted at root. A view is matched under any
+// group: a loop device keeps the path it was set up with, and a view's
+// group changes when a new disk takes the name of the deleted disk it
+// belonged to (.snapshots/NAME/SNAP is then .snapshots/d-ID/SNAP). Snapshot
+// names are unique in a volume, and an open snapshot cannot be deleted, so
+// the name alone says which.
+func openedAs(root, disk, snapshot string) func(string) bool {
+	if snapshot == "" {
+		path := filepath.Join(root, disk)
+		return func(backing string) bool { return backing == path }
+	}
+	views := filepath.Join(root, ".snapshots") + "/"
+	return func(backing string) bool {
+		group, snap, ok := strings.Cut(strings.TrimPrefix(backing, views), "/")
+		return strings.HasPrefix(backing, views) && ok && group != "" && snap == snapshot
+	}
 }
 
 // mountOpener describes the openers of a file in the mount at mp for
@@ -60,16 +86,12 @@ func mountOpener(mp string) func(disk, snapshot string, whos []string) []string 
 		if len(gone) == 0 {
 			return out
 		}
-		rel := disk
-		if snapshot != "" {
-			rel = filepath.Join(".snapshots", disk, snapshot)
-		}
-		loops := loopDevices(filepath.Join(mp, rel), false)
+		loops := loopDevicesWhere(openedAs(mp, disk, snapshot))
 		if len(loops) == 0 && mountDetached(mp) {
 			// After umount -l a loop device keeps the detached mount
 			// alive (and this daemon serving it), and the kernel names
 			// its backing file by the path inside that mount: /DISK.
-			loops = loopDevices("/"+rel, false)
+			loops = loopDevicesWhere(openedAs("/", disk, snapshot))
 		}
 		if len(loops) == 0 {
 			for _, who := range gone {

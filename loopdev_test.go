@@ -35,7 +35,7 @@ func fakeLoops(t *testing.T, backing ...string) {
 }
 
 func TestMountOpener(t *testing.T) {
-	fakeLoops(t, "/mnt/disks/d1", "", "/mnt/disks/.snapshots/d1/s1", "/mnt/disks/d10", "/other/d1", "/mnt/disks/d1 (deleted)", "/d3", "/.snapshots/d3/s3")
+	fakeLoops(t, "/mnt/disks/d1", "", "/mnt/disks/.snapshots/d1/s1", "/mnt/disks/d10", "/other/d1", "/mnt/disks/d1 (deleted)", "/d3", "/.snapshots/d3/s3", "/mnt/disks/.snapshots/d4/s4", "/mnt/disks/.snapshots/s4", "/mnt/disks/.snapshots/d4/s4/x")
 	detached := false
 	saved := mountDetached
 	mountDetached = func(mp string) bool { return detached }
@@ -58,6 +58,11 @@ func TestMountOpener(t *testing.T) {
 		{"d2", "", []string{gone}, []string{"pid 99999999 (losetup), since exited"}},
 		{"d1", "", []string{"pid " + strconv.Itoa(os.Getpid()) + " (bash)"}, []string{self}},
 		{"d1", "", []string{"fuzz"}, []string{"fuzz"}}, // not a pid
+		// A view set up as .snapshots/d4/s4 whose group is now the deleted
+		// disk's id (a new disk took the name d4): found by its name.
+		{"d-0123456789abcdef", "s4", []string{gone}, []string{"loop device /dev/loop8 (set up by pid 99999999 (losetup))"}},
+		{"d4", "s4", []string{gone}, []string{"loop device /dev/loop8 (set up by pid 99999999 (losetup))"}},
+		{"d4", "s5", []string{gone}, []string{"pid 99999999 (losetup), since exited"}},
 		// Two losetups, both exited, and a live program: the loop devices
 		// once, not once per open (which device is whose cannot be known).
 		{"d1", "", []string{gone, "pid 99999998 (losetup)", "pid " + strconv.Itoa(os.Getpid()) + " (bash)"},
@@ -85,7 +90,7 @@ func TestMountOpener(t *testing.T) {
 		}
 	}
 	detached = false
-	if got, want := loopHint("/mnt/disks"), "detach the loop devices on its disks (`losetup -d /dev/loop0 /dev/loop2 /dev/loop3 /dev/loop5`)"; got != want {
+	if got, want := loopHint("/mnt/disks"), "detach the loop devices on its disks (`losetup -d /dev/loop0 /dev/loop10 /dev/loop2 /dev/loop3 /dev/loop5 /dev/loop8 /dev/loop9`)"; got != want {
 		t.Errorf("loopHint = %q, want %q", got, want)
 	}
 	if got := loopHint("/nowhere"); got != "detach their loop devices (`losetup -j /nowhere/DISK` shows a disk's, `losetup -d DEVICE` detaches it)" {
