@@ -384,6 +384,8 @@ func TestInUseHint(t *testing.T) {
 		{"loop device /dev/loop3 (set up by pid 42 (losetup))", "losetup -d DEVICE`)"},
 		{"loop device /dev/loop3, /dev/loop4 (set up by pid 42 (losetup))", "losetup -d DEVICE`)"},
 		{"loop device /dev/loop3 (set up by pid 42, since exited)", "losetup -d DEVICE`)"},
+		{"a loop device (set up by pid 42 (losetup); `losetup -a` lists it)", "losetup -d DEVICE`)"},
+		{"a loop device (set up by pid 42 (mount); `losetup -a` lists it), pid 7 (qemu)", "losetup -d DEVICE`), and stop the program that has it open (or wait for it to finish), then retry"},
 		{"pid 7 (fio)", "close it first: stop the program that has it open (or wait for it to finish), then retry"},
 		{"pid 7, since exited", "close it first: stop the program that has it open (or wait for it to finish), then retry"},
 		{"loop device /dev/loop3 (set up by pid 42 (losetup)), pid 7 (qemu)", "losetup -d DEVICE`), and stop the program that has it open (or wait for it to finish), then retry"},

@@ -65,9 +65,11 @@ func openedAs(root, disk, snapshot string) func(string) bool {
 // process has exited are described together by the loop devices backed by
 // the file, if any ("loop devices /dev/loop0, /dev/loop1 (set up by pid 7
 // (losetup), pid 9 (losetup))": which device came from which open is not
-// to be known), and one whose process lives by its command now (a shell
-// that opened the disk may have become the program it ran, as in
-// `sh -c 'exec sleep 9 <d'`).
+// to be known); with no such device (set up through a bind mount of the
+// mount, whose path the daemon does not know), an exited losetup or mount
+// is described as a loop device all the same. One whose process lives is
+// described by its command now (a shell that opened the disk may have
+// become the program it ran, as in `sh -c 'exec sleep 9 <d'`).
 func mountOpener(mp string) func(disk, snapshot string, whos []string) []string {
 	return func(disk, snapshot string, whos []string) []string {
 		var out, gone []string
@@ -95,7 +97,13 @@ func mountOpener(mp string) func(disk, snapshot string, whos []string) []string 
 		}
 		if len(loops) == 0 {
 			for _, who := range gone {
-				out = append(out, who+", since exited")
+				if setsUpLoops(who) {
+					// Set up by a path this mount does not see, through a
+					// bind mount of it, say: a loop device all the same.
+					out = append(out, "a loop device (set up by "+who+"; `losetup -a` lists it)")
+				} else {
+					out = append(out, who+", since exited")
+				}
 			}
 			return out
 		}
@@ -113,6 +121,13 @@ func mountOpener(mp string) func(disk, snapshot string, whos []string) []string 
 // under the volume's lock, which the mount's own requests take. A variable
 // for tests.
 var mountDetached = func(mp string) bool { return mountTypeAt(mp) != "fuse.encdisk" }
+
+// setsUpLoops reports whether who ("pid N (comm)") is losetup, or mount
+// (mount -o loop sets up the device itself). Such an open that outlives its
+// process is a loop device's: neither keeps a disk open otherwise.
+func setsUpLoops(who string) bool {
+	return strings.HasSuffix(who, " (losetup)") || strings.HasSuffix(who, " (mount)")
+}
 
 // openerPID parses the pid of "pid N (comm)".
 func openerPID(who string) (int, bool) {

@@ -55,19 +55,24 @@ func TestMountOpener(t *testing.T) {
 	}{
 		{"d1", "", []string{gone}, []string{"loop devices /dev/loop0, /dev/loop5 (set up by pid 99999999 (losetup))"}},
 		{"d1", "s1", []string{gone}, []string{"loop device /dev/loop2 (set up by pid 99999999 (losetup))"}},
-		{"d2", "", []string{gone}, []string{"pid 99999999 (losetup), since exited"}},
+		// No loop device by that path (one set up through a bind mount of
+		// the mount, say): losetup or mount, exited, still holding it, is
+		// a loop device all the same; another program is only gone.
+		{"d2", "", []string{gone}, []string{"a loop device (set up by pid 99999999 (losetup); `losetup -a` lists it)"}},
+		{"d2", "", []string{"pid 99999999 (mount)"}, []string{"a loop device (set up by pid 99999999 (mount); `losetup -a` lists it)"}},
+		{"d2", "", []string{"pid 99999999 (fio)"}, []string{"pid 99999999 (fio), since exited"}},
 		{"d1", "", []string{"pid " + strconv.Itoa(os.Getpid()) + " (bash)"}, []string{self}},
 		{"d1", "", []string{"fuzz"}, []string{"fuzz"}}, // not a pid
 		// A view set up as .snapshots/d4/s4 whose group is now the deleted
 		// disk's id (a new disk took the name d4): found by its name.
 		{"d-0123456789abcdef", "s4", []string{gone}, []string{"loop device /dev/loop8 (set up by pid 99999999 (losetup))"}},
 		{"d4", "s4", []string{gone}, []string{"loop device /dev/loop8 (set up by pid 99999999 (losetup))"}},
-		{"d4", "s5", []string{gone}, []string{"pid 99999999 (losetup), since exited"}},
+		{"d4", "s5", []string{"pid 99999999 (fio)"}, []string{"pid 99999999 (fio), since exited"}},
 		// Two losetups, both exited, and a live program: the loop devices
 		// once, not once per open (which device is whose cannot be known).
 		{"d1", "", []string{gone, "pid 99999998 (losetup)", "pid " + strconv.Itoa(os.Getpid()) + " (bash)"},
 			[]string{self, "loop devices /dev/loop0, /dev/loop5 (set up by pid 99999999 (losetup), pid 99999998 (losetup))"}},
-		{"d2", "", []string{gone, "pid 99999998 (losetup)"}, []string{"pid 99999999 (losetup), since exited", "pid 99999998 (losetup), since exited"}},
+		{"d2", "", []string{"pid 99999999 (fio)", "pid 99999998 (fio)"}, []string{"pid 99999999 (fio), since exited", "pid 99999998 (fio), since exited"}},
 	} {
 		if got := open(c.disk, c.snap, c.who); !slices.Equal(got, c.want) {
 			t.Errorf("opener(%q, %q, %q) = %q, want %q", c.disk, c.snap, c.who, got, c.want)
@@ -79,7 +84,7 @@ func TestMountOpener(t *testing.T) {
 		detached         bool
 		disk, snap, want string
 	}{
-		{false, "d3", "", "pid 99999999 (losetup), since exited"},
+		{false, "d3", "", "a loop device (set up by pid 99999999 (losetup); `losetup -a` lists it)"},
 		{true, "d3", "", "loop device /dev/loop6 (set up by pid 99999999 (losetup))"},
 		{true, "d3", "s3", "loop device /dev/loop7 (set up by pid 99999999 (losetup))"},
 		{true, "d1", "", "loop devices /dev/loop0, /dev/loop5 (set up by pid 99999999 (losetup))"},
