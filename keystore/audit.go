@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/encdisk/encdisk/internal/regfile"
 )
 
 // auditEntry is one line of audit.log. It never holds key material or data keys.
@@ -33,13 +35,18 @@ func (ks *Keystore) audit(a auditEntry) error {
 	}
 	line = append(line, '\n')
 	path := filepath.Join(ks.dir, auditName)
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	// regfile.Open: a named pipe in the log's place would block the open
+	// (under the keystore's lock, in every command and a starting daemon).
+	f, err := regfile.Open(path, os.O_WRONLY|os.O_APPEND, 0)
 	created := false
 	if errors.Is(err, fs.ErrNotExist) {
 		// The first record: the log's directory entry must be made
 		// durable too, or a crash could lose the whole file.
-		f, err = os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, fileMode)
+		f, err = regfile.Open(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, fileMode)
 		created = true
+	}
+	if errors.Is(err, regfile.ErrNotRegular) {
+		return fmt.Errorf("audit log: %w: %w", err, ErrCorrupt)
 	}
 	if err != nil {
 		return fmt.Errorf("audit log: %w", err)

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/encdisk/encdisk/internal/regfile"
 )
 
 const (
@@ -146,19 +148,24 @@ func mkdirDurable(dir string) error {
 }
 
 // readFileLimited reads a whole regular file of at most maxFileSize bytes.
+// A named pipe in its place is refused at once: a plain open(2) of one
+// waits for a writer, and every command would hang under the keystore's lock.
 func readFileLimited(path string) ([]byte, error) {
-	f, err := os.Open(path)
+	f, err := regfile.Open(path, os.O_RDONLY, 0)
+	if errors.Is(err, regfile.ErrNotRegular) {
+		return nil, fmt.Errorf("%w: %w", err, ErrCorrupt)
+	}
+	if errors.Is(err, fs.ErrNotExist) {
+		if fi, lerr := os.Lstat(path); lerr == nil && fi.Mode()&fs.ModeSymlink != 0 {
+			// A dangling symbolic link is not a missing file: a key
+			// listed as absent would be made again (a second service key).
+			return nil, fmt.Errorf("%s is a symbolic link to a missing file: %w", path, ErrCorrupt)
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file: %w", path, ErrCorrupt)
-	}
 	data, err := io.ReadAll(io.LimitReader(f, maxFileSize+1))
 	if err != nil {
 		return nil, err

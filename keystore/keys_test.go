@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -290,6 +291,86 @@ func TestCorruptKeyFile(t *testing.T) {
 	restore()
 	if _, err := ks.DescribeKey(region, "alias/x"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestKeyFileNotRegular replaces the service key's file and the audit log
+// with what is not a file. A named pipe must be refused at once (a plain
+// open(2) of one waits for a writer: every command hung), and a dangling
+// symbolic link must not read as "no such key": the service key was then
+// made again, a second alias/acs/ecs beside the first.
+func TestKeyFileNotRegular(t *testing.T) {
+	ks := newTestKeystore(t)
+	svc, err := ks.ServiceKey(region)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := ks.keyPath(region, svc.ID)
+	orig, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	replace := map[string]func(string) error{
+		"fifo":             func(p string) error { return syscall.Mkfifo(p, 0o600) },
+		"dangling symlink": func(p string) error { return os.Symlink(filepath.Join(filepath.Dir(p), "gone"), p) },
+		"directory":        func(p string) error { return os.Mkdir(p, 0o700) },
+	}
+	for name, mk := range replace {
+		os.RemoveAll(path)
+		if err := mk(path); err != nil {
+			t.Fatal(err)
+		}
+		noHang(t, name, path, func() {
+			if _, err := ks.DescribeKey(region, svc.ID); !errors.Is(err, ErrCorrupt) {
+				t.Errorf("%s: DescribeKey: %v, want ErrCorrupt", name, err)
+			}
+			if _, err := ks.ListKeys(region); !errors.Is(err, ErrCorrupt) {
+				t.Errorf("%s: ListKeys: %v, want ErrCorrupt", name, err)
+			}
+			if k, err := ks.ServiceKey(region); !errors.Is(err, ErrCorrupt) {
+				t.Errorf("%s: ServiceKey: %+v %v, want ErrCorrupt (not a new service key)", name, k, err)
+			}
+		})
+		os.RemoveAll(path)
+		if err := os.WriteFile(path, orig, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		ents, _ := os.ReadDir(ks.keysDir(region))
+		if len(ents) != 1 {
+			t.Fatalf("%s: %d entries in the keys directory, want the one service key", name, len(ents))
+		}
+	}
+
+	audit := filepath.Join(ks.Dir(), auditName)
+	for _, name := range []string{"fifo", "directory"} {
+		os.RemoveAll(audit)
+		if err := replace[name](audit); err != nil {
+			t.Fatal(err)
+		}
+		noHang(t, "audit log "+name, audit, func() {
+			if _, err := ks.ListKeys(region); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "audit log") {
+				t.Errorf("audit log %s: ListKeys: %v, want ErrCorrupt naming the audit log", name, err)
+			}
+		})
+	}
+}
+
+// noHang runs fn and fails the test if it has not returned after a minute:
+// not a timing requirement, only a hang turned into a failure. A call stuck
+// opening the named pipe at fifo (holding the keystore's lock) is released
+// by opening its other end, so the test and its cleanup can end.
+func noHang(t *testing.T, name, fifo string, fn func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { defer close(done); fn() }()
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		if f, err := os.OpenFile(fifo, os.O_RDWR, 0); err == nil {
+			<-done
+			f.Close()
+		}
+		t.Fatalf("%s: hung", name)
 	}
 }
 

@@ -11,6 +11,8 @@ import (
 	"sort"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/encdisk/encdisk/internal/regfile"
 )
 
 // Problem kinds reported by Check.
@@ -278,7 +280,7 @@ func (s *Store) Check(o CheckOptions) (*CheckReport, error) {
 // db may be opened read-only. It never repairs.
 func CheckDB(db *bolt.DB, poolPath string, catalogue func(tx *bolt.Tx, trees map[TreeID]uint64, r *CheckReport)) (*CheckReport, error) {
 	sc := newScan()
-	f, err := os.Open(poolPath)
+	f, err := regfile.Open(poolPath, os.O_RDONLY, 0) // a named pipe would block os.Open
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("snapshots: check: %w", err)

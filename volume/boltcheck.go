@@ -2,10 +2,12 @@ package volume
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"hash/fnv"
 	"os"
 
+	"github.com/encdisk/encdisk/internal/regfile"
 	"github.com/encdisk/encdisk/snapshots"
 )
 
@@ -16,7 +18,11 @@ import (
 // etcd-io/bbolt#105 and etcd-io/etcd#13406). Other damage is left to
 // bbolt, which reports it as an error.
 func checkBoltFile(path string) error {
-	f, err := os.Open(path)
+	// regfile: a named pipe in meta.db's place would block the open.
+	f, err := regfile.Open(path, os.O_RDONLY, 0)
+	if errors.Is(err, regfile.ErrNotRegular) {
+		return fmt.Errorf("%w: %w", err, snapshots.ErrCorrupt)
+	}
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/encdisk/encdisk/internal/regfile"
 	"github.com/encdisk/encdisk/snapshots"
 	bolt "go.etcd.io/bbolt"
 	"golang.org/x/sys/unix"
@@ -357,7 +358,7 @@ func checkSnapDirs(dir string, recs []snapRecord, rep *CheckReport, write func(*
 		r := &recs[i]
 		known[r.ID] = true
 		p := filepath.Join(root, r.ID, "snapshot.json")
-		b, err := os.ReadFile(p)
+		b, err := regfile.ReadFile(p, maxRecordFile)
 		var prob *snapshots.Problem
 		switch {
 		case errors.Is(err, os.ErrNotExist):

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/encdisk/encdisk/blockcrypt"
+	"github.com/encdisk/encdisk/internal/regfile"
 	"github.com/encdisk/encdisk/snapshots"
 	bolt "go.etcd.io/bbolt"
 )
@@ -277,10 +278,12 @@ func (v *Volume) reconcileImages() error {
 		}
 	}
 	for id, im := range known {
-		b, err := os.ReadFile(filepath.Join(v.imageDir(id), "image.json"))
+		b, err := regfile.ReadFile(filepath.Join(v.imageDir(id), "image.json"), maxRecordFile)
 		switch {
-		case err != nil:
+		case errors.Is(err, os.ErrNotExist):
 			v.logf("image %s: directory missing; rewriting it from the catalogue", im.rec.Name)
+		case err != nil:
+			v.logf("image %s: %v; rewriting it from the catalogue", im.rec.Name, err)
 		case recordFileProblem(b, &im.rec) != "":
 			// A crash in ShareImage, which writes the file before its
 			// commit, leaves the new record in it.
@@ -340,7 +343,7 @@ func (v *Volume) checkImageDirs(rep *CheckReport, repair bool) {
 		r := &im.rec
 		known[r.ID] = true
 		p := filepath.Join(v.imageDir(r.ID), "image.json")
-		b, err := os.ReadFile(p)
+		b, err := regfile.ReadFile(p, maxRecordFile)
 		var prob *snapshots.Problem
 		switch {
 		case err != nil:

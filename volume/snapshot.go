@@ -10,6 +10,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/encdisk/encdisk/internal/regfile"
 	"github.com/encdisk/encdisk/snapshots"
 	bolt "go.etcd.io/bbolt"
 )
@@ -142,11 +143,15 @@ func (v *Volume) reconcileSnapDirs() {
 		}
 	}
 	for id, s := range known {
-		b, err := os.ReadFile(filepath.Join(v.snapDir(id), "snapshot.json"))
+		b, err := regfile.ReadFile(filepath.Join(v.snapDir(id), "snapshot.json"), maxRecordFile)
 		switch {
-		case err != nil:
+		case errors.Is(err, os.ErrNotExist):
 			v.logf("snapshot %s: directory missing; rewriting it from the catalogue", s.rec.Name)
 			v.openFixes = append(v.openFixes, fmt.Sprintf("snapshot %s: directory %s was missing: rewritten from the catalogue", s.rec.Name, id))
+		case err != nil:
+			// Not a file (a named pipe, a directory) or unreadable.
+			v.logf("snapshot %s: %v; rewriting it from the catalogue", s.rec.Name, err)
+			v.openFixes = append(v.openFixes, fmt.Sprintf("snapshot %s: %v: rewritten from the catalogue", s.rec.Name, err))
 		case recordFileProblem(b, &s.rec) != "":
 			// A crash in RewrapSnapshot, which writes the file before
 			// its commit, leaves the new record in it.

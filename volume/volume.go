@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/encdisk/encdisk/blockcrypt"
+	"github.com/encdisk/encdisk/internal/regfile"
 	"github.com/encdisk/encdisk/snapshots"
 	bolt "go.etcd.io/bbolt"
 	"golang.org/x/sys/unix"
@@ -38,6 +39,11 @@ const (
 	MaxDiskSize = int64(snapshots.MaxSectors) * SectorSize
 
 	dataKeySize = blockcrypt.KeySize
+
+	// maxRecordFile bounds what is read of volume.json, snapshot.json and
+	// image.json (a few hundred bytes each, an image shared with many
+	// accounts more), so a huge file in their place cannot exhaust memory.
+	maxRecordFile = 16 << 20
 )
 
 var bucketDisks = []byte("disks")
@@ -278,9 +284,13 @@ func (h *header) info(dir string) *Info {
 }
 
 func readHeader(dir string) (*header, error) {
-	b, err := os.ReadFile(filepath.Join(dir, headerFile))
+	// regfile: a named pipe in the header's place would block the open.
+	b, err := regfile.ReadFile(filepath.Join(dir, headerFile), maxRecordFile)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("volume: %s: %w", dir, ErrNotVolume)
+	}
+	if errors.Is(err, regfile.ErrNotRegular) {
+		return nil, fmt.Errorf("volume: %s: %w (%w)", dir, ErrDamagedHeader, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("volume: %w", err)

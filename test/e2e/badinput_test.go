@@ -345,6 +345,11 @@ func TestDamagedVolumeFiles(t *testing.T) {
 		{"meta.db missing", meta, func(p string) { os.Remove(p) }, "meta.db", "missing"},
 		{"volume.json damaged", header, func(p string) { os.WriteFile(p, []byte(`{"format":`), 0o600) }, "damaged", "volume.json"},
 		{"volume.json missing", header, func(p string) { os.Remove(p) }, "not an encdisk volume", ""},
+		// A named pipe in a file's place: a plain open(2) of one waits
+		// for a writer, and every command hung.
+		{"volume.json a named pipe", header, mkfifo, "named pipe", "named pipe"},
+		{"meta.db a named pipe", meta, mkfifo, "named pipe", "named pipe"},
+		{"pool a named pipe", pool, mkfifo, "not a pool file", "named pipe"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			orig, err := os.ReadFile(c.file)
@@ -352,7 +357,10 @@ func TestDamagedVolumeFiles(t *testing.T) {
 				t.Fatal(err)
 			}
 			c.bad(c.file)
-			defer os.WriteFile(c.file, orig, 0o600)
+			defer func() {
+				os.Remove(c.file) // a named pipe would block the write
+				os.WriteFile(c.file, orig, 0o600)
+			}()
 			if c.name == "pool truncated" {
 				// Opens; the lost blocks read as errors, and check says why.
 				e.run("disk", "list", e.vol)
@@ -375,6 +383,11 @@ func TestDamagedVolumeFiles(t *testing.T) {
 		})
 	}
 	e.verifyData()
+}
+
+func mkfifo(p string) {
+	os.Remove(p)
+	syscall.Mkfifo(p, 0o600)
 }
 
 func snapshotDir(t *testing.T, e *env, name string) string {
@@ -424,6 +437,15 @@ func TestMissingSnapshotDir(t *testing.T) {
 	}
 	e.run("umount", e.mnt)
 	waitGone(pid, 10*time.Second)
+	// A named pipe in snapshot.json's place (an open(2) of it waited for a
+	// writer: every command hung) is replaced like a missing file.
+	mkfifo(filepath.Join(dir, "snapshot.json"))
+	if out := e.run("check", e.vol); !strings.Contains(out, "named pipe") || !strings.Contains(out, "all repaired") {
+		t.Errorf("check after snapshot.json became a named pipe: %s", out)
+	}
+	if got, _ := os.ReadFile(filepath.Join(dir, "snapshot.json")); !bytes.Equal(got, want) {
+		t.Errorf("snapshot.json not rewritten as it was")
+	}
 	e.verifyData()
 }
 
