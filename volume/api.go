@@ -43,17 +43,25 @@ var (
 	ErrRule         = errors.New("not allowed") // a cloud rule (SPEC section 3) refuses the operation
 	ErrNoKMS        = errors.New("no keystore available")
 	// ErrDamagedHeader: the volume's header (volume.json) is there but is
-	// not a valid one. It is also ErrNotVolume, without that error's
-	// advice to run init (which refuses a directory holding a volume).
+	// not a valid one, or is missing beside a meta.db. It is also
+	// ErrNotVolume, without that error's advice to run init (which refuses
+	// a directory holding a volume).
 	ErrDamagedHeader error = damagedHeader{}
 )
 
-type damagedHeader struct{}
+// damagedHeader is ErrDamagedHeader; missing: volume.json is gone but
+// meta.db is there.
+type damagedHeader struct{ missing bool }
 
-func (damagedHeader) Error() string {
+func (d damagedHeader) Error() string {
+	if d.missing {
+		return "its header " + headerFile + " is missing, but " + metaFile + " is there (the header was lost, or an `encdisk init` of it did not finish)"
+	}
 	return "its header " + headerFile + " is damaged or not an encdisk header"
 }
-func (damagedHeader) Is(target error) bool { return target == ErrNotVolume }
+func (damagedHeader) Is(target error) bool {
+	return target == ErrNotVolume || target == ErrDamagedHeader
+}
 
 // KMS is what a volume needs from a key management service: envelope
 // encryption of per-disk data keys. The file keystore is one implementation;

@@ -287,6 +287,10 @@ func readHeader(dir string) (*header, error) {
 	// regfile: a named pipe in the header's place would block the open.
 	b, err := regfile.ReadFile(filepath.Join(dir, headerFile), maxRecordFile)
 	if errors.Is(err, os.ErrNotExist) {
+		if _, merr := os.Lstat(filepath.Join(dir, metaFile)); merr == nil {
+			// Not "run init" (init refuses the directory): a lost header.
+			return nil, fmt.Errorf("volume: %s: %w", dir, damagedHeader{missing: true})
+		}
 		return nil, fmt.Errorf("volume: %s: %w", dir, ErrNotVolume)
 	}
 	if errors.Is(err, regfile.ErrNotRegular) {
