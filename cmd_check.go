@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"github.com/encdisk/encdisk/control"
 	"github.com/encdisk/encdisk/snapshots"
@@ -99,7 +98,8 @@ func runCheck(c *cli.Context) error {
 func checkVolume(abs string, repair bool) (*checkResult, error) {
 	sock := volume.SocketPath(abs)
 	args := checkArgs{Repair: repair}
-	for attempt := 0; ; attempt++ {
+	w := lockWaiter{vol: abs, note: os.Stderr}
+	for {
 		var rep volume.CheckReport
 		err := callDaemon(socketAddr(sock), opVolumeCheck, args, &rep, callTimeout, nil)
 		if err == nil {
@@ -109,12 +109,11 @@ func checkVolume(abs string, repair bool) (*checkResult, error) {
 			return nil, err
 		}
 		res, err := checkDirect(abs, repair)
-		if !errors.Is(err, volume.ErrLocked) || attempt >= 15 {
-			return res, err
-		}
 		// A daemon starting (it locks before it listens) or stopping, or
 		// another command: try again.
-		time.Sleep(200 * time.Millisecond)
+		if !errors.Is(err, volume.ErrLocked) || !w.again() {
+			return res, err
+		}
 	}
 }
 

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -198,7 +200,8 @@ func volumeCall(c *cli.Context, dir, op string, args, result any) error {
 	}
 	sock := socketAddr(volume.SocketPath(abs))
 	cancel := currentImageTransfer().Cancel
-	for attempt := 0; ; attempt++ {
+	w := lockWaiter{vol: dir, note: c.App.ErrWriter}
+	for {
 		err := callDaemon(sock, op, args, result, opTimeout(op), cancel)
 		if errors.Is(err, control.ErrCanceled) {
 			// The hang-up stops the operation in the daemon, which rolls
@@ -216,11 +219,47 @@ func volumeCall(c *cli.Context, dir, op string, args, result any) error {
 		}
 		// Locked but no daemon answered: a mount daemon starting up (it
 		// takes the lock before it listens), or another command running.
-		if attempt >= 15 {
+		if !w.again() {
 			return volError(err, dir)
 		}
-		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// lockWait bounds how long a command waits for a volume that another
+// process has locked: commands on an unmounted volume take turns (each
+// holds it for its fsyncs, tens of milliseconds to a second on a slow
+// disk, and many may be queued), and a mount daemon locks before it
+// listens. A lock held longer (an unmounted image copy, a hung process) is
+// an error, not a hang. A variable for the tests.
+var lockWait = 60 * time.Second
+
+// lockWaiter paces the retries of an open that found the volume locked.
+// Short, jittered sleeps: with polls 200 ms apart (for 3 s) commands that
+// had waited longest kept losing the lock to newer ones and failed, 7 of
+// 40 snapshot creates started at once.
+type lockWaiter struct {
+	vol   string
+	note  io.Writer // told once, after a second, that the command waits
+	start time.Time
+	noted bool
+}
+
+// again sleeps and reports true while the wait may go on.
+func (w *lockWaiter) again() bool {
+	now := time.Now()
+	if w.start.IsZero() {
+		w.start = now
+	}
+	waited := now.Sub(w.start)
+	if waited >= lockWait {
+		return false
+	}
+	if waited >= time.Second && !w.noted && w.note != nil {
+		fmt.Fprintf(w.note, "encdisk: note: %s is in use by another encdisk process; waiting (up to %s)\n", w.vol, lockWait)
+		w.noted = true
+	}
+	time.Sleep(20*time.Millisecond + time.Duration(rand.Int64N(int64(40*time.Millisecond))))
+	return true
 }
 
 // directCall opens the volume, runs op and closes it.

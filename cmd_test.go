@@ -337,6 +337,8 @@ func TestRoutingLockedVolume(t *testing.T) {
 	}
 	defer v.Close()
 
+	defer func(old time.Duration) { lockWait = old }(lockWait)
+	lockWait = 2 * time.Second
 	var out, errb bytes.Buffer
 	start := time.Now()
 	code := run([]string{"encdisk", "disk", "list", dir}, &out, &errb)
