@@ -25,6 +25,7 @@ import (
 	"github.com/encdisk/encdisk/config"
 	"github.com/encdisk/encdisk/control"
 	"github.com/encdisk/encdisk/fs"
+	"github.com/encdisk/encdisk/internal/regfile"
 	"github.com/encdisk/encdisk/keystore"
 	"github.com/encdisk/encdisk/volume"
 	"github.com/urfave/cli/v2"
@@ -261,7 +262,13 @@ func spawnDaemon(c *cli.Context, a mountArgs, sec *daemonSecret) error {
 		return fmt.Errorf("find encdisk's executable: %w", err)
 	}
 	logPath := filepath.Join(a.absVol, "daemon.log")
-	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	// Only a regular file: the open of a named pipe would wait for a reader
+	// (the mount hung), and through a symbolic link root appended its log
+	// to, and chmodded, any file (say /etc/passwd).
+	logf, err := regfile.Open(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND|unix.O_NOFOLLOW, 0o600)
+	if errors.Is(err, regfile.ErrNotRegular) {
+		return withHint(fmt.Errorf("daemon log: %w", err), "remove %s (the daemon makes it again)", logPath)
+	}
 	if err != nil {
 		return fmt.Errorf("daemon log: %w", err)
 	}
@@ -351,7 +358,7 @@ func spawnDaemon(c *cli.Context, a mountArgs, sec *daemonSecret) error {
 
 // tail returns the last n lines of a file, indented, for an error message.
 func tail(path string, n int) string {
-	b, err := os.ReadFile(path)
+	b, err := regfile.ReadFile(path, -1)
 	if err != nil {
 		return ""
 	}
@@ -729,7 +736,7 @@ func writeRecord(st daemonStatus) (string, error) {
 }
 
 func readRecord(absMP string) (*daemonStatus, error) {
-	b, err := os.ReadFile(recordPath(absMP))
+	b, err := regfile.ReadFile(recordPath(absMP), 1<<20) // never a named pipe's blocking open
 	if err != nil {
 		return nil, err
 	}

@@ -47,8 +47,15 @@ func Kind(m fs.FileMode) string {
 
 // Open is os.OpenFile that refuses, without blocking, a path that is not a
 // regular file: the error wraps ErrNotRegular and says what the path is.
+// With unix.O_NOFOLLOW in flag a symbolic link is refused the same way.
 func Open(path string, flag int, perm os.FileMode) (*os.File, error) {
 	f, err := os.OpenFile(path, flag|unix.O_NONBLOCK, perm)
+	if errors.Is(err, unix.ELOOP) && flag&unix.O_NOFOLLOW != 0 {
+		// O_NOFOLLOW: the caller refuses a symbolic link.
+		if fi, lerr := os.Lstat(path); lerr == nil && fi.Mode()&fs.ModeSymlink != 0 {
+			return nil, notRegular(path, fi.Mode())
+		}
+	}
 	if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.EISDIR) {
 		// ENXIO: a FIFO opened for writing with no reader; EISDIR: a
 		// directory opened for writing. Say what is there.

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestOpen: a regular file opens; a named pipe (read or write, no other
@@ -45,6 +47,18 @@ func TestOpen(t *testing.T) {
 		if !errors.Is(err, ErrNotRegular) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("Open(%s, %#x): %v, want ErrNotRegular naming a %s", tc.path, tc.flag, err, tc.want)
 		}
+	}
+	link := filepath.Join(dir, "l")
+	if err := os.Symlink(reg, link); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := Open(link, os.O_RDONLY, 0); err != nil {
+		t.Errorf("symbolic link to a file: %v", err)
+	} else {
+		f.Close()
+	}
+	if _, err := Open(link, os.O_WRONLY|os.O_APPEND|unix.O_NOFOLLOW, 0); !errors.Is(err, ErrNotRegular) || !strings.Contains(err.Error(), "symbolic link") {
+		t.Errorf("symbolic link with O_NOFOLLOW: %v, want ErrNotRegular naming a symbolic link", err)
 	}
 	if _, err := Open(filepath.Join(dir, "missing"), os.O_RDONLY, 0); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("missing: %v", err)
