@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/encdisk/encdisk/control"
 	"github.com/encdisk/encdisk/snapshots"
@@ -32,7 +33,10 @@ type checkArgs struct {
 type checkResult struct {
 	volume.CheckReport
 	Mounted bool `json:"mounted"`
-	OK      bool `json:"ok"`
+	// ReadOnlyFS: the volume is on a read-only file system, so it was
+	// checked read-only (Offline), which is no damage of its own.
+	ReadOnlyFS bool `json:"read_only_fs,omitempty"`
+	OK         bool `json:"ok"`
 }
 
 func checkCommand() *cli.Command {
@@ -128,6 +132,14 @@ func checkDirect(abs string, repair bool) (*checkResult, error) {
 		if cerr != nil {
 			return nil, cerr
 		}
+		if errors.Is(err, syscall.EROFS) {
+			// Opening writes (the lock, meta.db's room): on a read-only
+			// file system that fails, and says nothing of the volume.
+			if repair && !rep.OK() {
+				rep.RepairRefused = "the file system holding the volume is read-only; remount it read-write (`mount -o remount,rw`) and run the repair again"
+			}
+			return &checkResult{CheckReport: *rep, ReadOnlyFS: true}, nil
+		}
 		rep.Problems = append(rep.Problems, snapshots.Problem{Kind: volume.ProblemMetadata,
 			Detail: fmt.Sprintf("the volume does not open (%v); it was checked read-only", err)})
 		if repair {
@@ -164,6 +176,9 @@ func printCheck(c *cli.Context, vol string, r *checkResult) {
 	}
 	if r.Offline {
 		where = "does not open; checked read-only"
+	}
+	if r.ReadOnlyFS {
+		where = "on a read-only file system; checked read-only"
 	}
 	var stats string
 	if st := r.Store; st != nil {

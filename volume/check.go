@@ -134,6 +134,12 @@ func CheckDir(dir string) (*CheckReport, error) {
 		}
 	}
 	lf, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR|os.O_CREATE, 0o600)
+	if errors.Is(err, unix.EROFS) {
+		// A read-only file system (remounted so after an error, or a
+		// copy on read-only media): flock works on a read-only open, and
+		// the check writes nothing.
+		lf, err = os.Open(filepath.Join(dir, lockFile))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("volume: check %s: %w", dir, err)
 	}

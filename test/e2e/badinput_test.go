@@ -749,3 +749,46 @@ func TestStaleSocketAfterKill(t *testing.T) {
 	}
 	e.verifyData()
 }
+
+// TestReadOnlyFileSystem: a volume on a file system mounted read-only (as
+// ext4 remounts itself after an error). Every other command needs to write
+// (the lock, meta.db's room) and says the file system is read-only, with a
+// hint to remount it; check works read-only and finds the volume
+// consistent. It said "the volume does not open ... restore the volume from
+// a backup" of a volume that had nothing wrong with it.
+func TestReadOnlyFileSystem(t *testing.T) {
+	e := newEnv(t)
+	e.run("init", e.vol, "--keystore", e.kms)
+	e.run("disk", "create", e.vol, "d", "--size", "16MiB", "--encrypted")
+	e.run("snapshot", "create", e.vol, "d", "s1")
+	ro := filepath.Join(e.dir, "ro")
+	if err := os.Mkdir(ro, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", ro, "tmpfs", 0, "size=64m"); err != nil {
+		t.Fatalf("mount a tmpfs: %v", err)
+	}
+	t.Cleanup(func() { syscall.Unmount(ro, syscall.MNT_DETACH) })
+	if out, err := exec.Command("cp", "-a", e.vol, ro).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v %s", err, out)
+	}
+	if err := syscall.Mount("", ro, "", syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+		t.Fatalf("remount read-only: %v", err)
+	}
+	vol := filepath.Join(ro, "vol")
+	for _, a := range [][]string{
+		{"disk", "list", vol},
+		{"snapshot", "create", vol, "d", "s2"},
+		{"mount", vol, e.mnt},
+	} {
+		e.failWith(a, "read-only file system", "remount it read-write")
+	}
+	e.notMounted()
+	for _, a := range [][]string{{"check", vol}, {"check", vol, "--repair"}} {
+		out := e.run(a...)
+		if !strings.Contains(out, "(on a read-only file system; checked read-only)") || !strings.Contains(out, "1 disks, 1 snapshots") ||
+			!strings.HasSuffix(strings.TrimSpace(out), ": consistent") {
+			t.Errorf("encdisk %s: %s", strings.Join(a, " "), out)
+		}
+	}
+}
