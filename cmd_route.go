@@ -363,6 +363,7 @@ var errorKinds = []struct {
 	{keystore.ErrServiceKey, "service_key"},
 	{syscall.ENOSPC, "no_space"},
 	{syscall.EROFS, "read_only_fs"},
+	{syscall.EACCES, "permission"},
 }
 
 // daemonError is an error the mount daemon reported. It is (errors.Is) the
@@ -489,6 +490,8 @@ func hintFor(err error) string {
 		return "this volume was written by a newer encdisk"
 	case "no_space":
 		return "a file system is full (the path above says which): free space on it and retry; on a volume's own, deleting snapshots, images or disks, or `fstrim` on a disk's file system, gives space back"
+	case "permission":
+		return "the path above may not be used by this user; a volume, its keystore and its control socket are their owner's alone (modes 0700 and 0600): run encdisk as that user (with sudo for root's)"
 	case "read_only_fs":
 		return "the file system holding the path above is mounted read-only (or went read-only after an error: see dmesg): every command, listing included, writes a volume's lock and metadata; remount it read-write (`mount -o remount,rw`), or copy the volume to a writable one; `encdisk check` works read-only"
 	}

@@ -335,6 +335,8 @@ func TestKeyHygiene(t *testing.T) {
 		t.Errorf("user nobody listed the disks through the socket:\n%s", out)
 	} else if !strings.Contains(strings.ToLower(string(out)), "permission denied") {
 		t.Errorf("user nobody: %s, want a permission error", out)
+	} else if !strings.Contains(string(out), "a volume, its keystore and its control socket are their owner's alone") {
+		t.Errorf("user nobody: %s, want a hint to run encdisk as the owner", out)
 	}
 
 	// Every file and directory encdisk made is the owner's alone.
