@@ -307,6 +307,9 @@ func wipeSecret(s *keystore.Secret) {
 // unlock opens the keystore in dir with the configured secret.
 func (e *env) unlock(dir, source string) (*keystore.Keystore, error) {
 	if err := keystore.Probe(dir); err != nil {
+		if errors.Is(err, keystore.ErrCorrupt) {
+			return nil, withHint(fmt.Errorf("keystore at %s (from %s): %w", dir, source, err), "%s", restoreRootHint(dir))
+		}
 		if !errors.Is(err, keystore.ErrNoKeystore) {
 			return nil, withHint(fmt.Errorf("keystore at %s (from %s): %w", dir, source, err), "run encdisk as a user who may read the keystore (it is mode 0700, its owner's)")
 		}
@@ -318,7 +321,16 @@ func (e *env) unlock(dir, source string) (*keystore.Keystore, error) {
 		return nil, err
 	}
 	defer wipeSecret(&s)
-	return keystore.Open(dir, s)
+	ks, err := keystore.Open(dir, s)
+	if errors.Is(err, keystore.ErrCorrupt) {
+		// Open reads only keystore.json.
+		return nil, withHint(err, "%s", restoreRootHint(dir))
+	}
+	return ks, err
+}
+
+func restoreRootHint(dir string) string {
+	return fmt.Sprintf("restore %s from a backup of the keystore: without it no key in it can be unsealed (a new keystore cannot unseal them either)", filepath.Join(dir, "keystore.json"))
 }
 
 // kmsAdapter lets a volume use the keystore as its KMS, as the block-storage

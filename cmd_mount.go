@@ -238,6 +238,13 @@ func checkMount(a mountArgs) error {
 // one: its unencrypted disks work, encrypted ones are refused.
 func mountSecret(e *env, absVol string) (*daemonSecret, error) {
 	dir, source, err := e.keystoreFor(absVol)
+	if err == nil {
+		if perr := keystore.Probe(dir); errors.Is(perr, keystore.ErrCorrupt) {
+			// A keystore that lost keystore.json: say so, not "no keystore".
+			_, err = e.unlock(dir, source)
+			return nil, err
+		}
+	}
 	if err != nil || !keystore.Exists(dir) {
 		fmt.Fprintf(e.c.App.ErrWriter, "encdisk: warning: no keystore at %s (from %s): encrypted disks cannot be created or attached while mounted\n", dir, source)
 		return &daemonSecret{}, nil
@@ -446,6 +453,9 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 		s := keystore.Secret{Passphrase: sec.Passphrase, KeyFile: sec.KeyFile}
 		ks, err = keystore.Open(sec.Keystore, s)
 		sec.wipe()
+		if errors.Is(err, keystore.ErrCorrupt) {
+			return withHint(err, "%s", restoreRootHint(sec.Keystore))
+		}
 		if err != nil {
 			return err
 		}

@@ -136,13 +136,31 @@ func Probe(dir string) error {
 	fi, err := os.Stat(filepath.Join(dir, rootName))
 	switch {
 	case errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENOTDIR):
+		if lost := lostRoot(dir); lost != nil {
+			return lost
+		}
 		return fmt.Errorf("keystore: %s: %w", dir, ErrNoKeystore)
 	case err != nil:
 		return fmt.Errorf("keystore: %w", err)
 	case !fi.Mode().IsRegular():
+		if lost := lostRoot(dir); lost != nil {
+			return lost
+		}
 		return fmt.Errorf("keystore: %s: %s is not a file: %w", dir, rootName, ErrNoKeystore)
 	}
 	return nil
+}
+
+// lostRoot tells a keystore whose keystore.json is gone (or not a file)
+// from no keystore: its regions directory, which only a keystore has, is
+// there. Not ErrNoKeystore, whose advice is to make one (Create refuses the
+// directory, and a new keystore could not unseal these keys anyway).
+func lostRoot(dir string) error {
+	if fi, err := os.Lstat(filepath.Join(dir, regionsName)); err != nil || !fi.IsDir() {
+		return nil
+	}
+	return fmt.Errorf("keystore: %s: %s is missing or not a file, but the keystore's keys are there (%s/): %w",
+		dir, rootName, regionsName, ErrCorrupt)
 }
 
 // checkEmpty refuses a directory that holds anything but the lock file and

@@ -408,6 +408,21 @@ func TestProbe(t *testing.T) {
 	if err := Probe(file); !errors.Is(err, ErrNoKeystore) {
 		t.Errorf("a file for the directory: %v, want ErrNoKeystore", err)
 	}
+	// A keystore whose keystore.json is lost is damaged, not absent: "no
+	// keystore" advised making one.
+	ks := newTestKeystore(t)
+	if _, err := ks.ServiceKey(region); err != nil {
+		t.Fatal(err)
+	}
+	root := filepath.Join(ks.Dir(), rootName)
+	os.Remove(root)
+	if err := Probe(ks.Dir()); !errors.Is(err, ErrCorrupt) || errors.Is(err, ErrNoKeystore) || !strings.Contains(err.Error(), "keystore.json is missing") {
+		t.Errorf("keystore.json removed: %v, want ErrCorrupt saying it is missing", err)
+	}
+	os.Mkdir(root, 0o700)
+	if err := Probe(ks.Dir()); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("keystore.json a directory: %v, want ErrCorrupt", err)
+	}
 	long := filepath.Join(dir, strings.Repeat("x", 300)) // ENAMETOOLONG: neither absent nor there
 	if err := Probe(long); err == nil || errors.Is(err, ErrNoKeystore) {
 		t.Errorf("an unreachable path: %v, want an error other than ErrNoKeystore", err)

@@ -211,6 +211,9 @@ func TestBadSecretAndKeystore(t *testing.T) {
 				!strings.Contains(low, "wrong passphrase") {
 				t.Errorf("%s: %q does not say what is wrong", c.name, msg)
 			}
+			if c.file == ksFile && !strings.Contains(low, "wrong passphrase") && !strings.Contains(msg, "keystore.json from a backup of the keystore") {
+				t.Errorf("%s: %q does not say what to do", c.name, msg)
+			}
 			e.failWith(args("disk", "create", e.vol, "x", "--size", "1GiB", "--encrypted"))
 		})
 	}
