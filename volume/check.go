@@ -191,9 +191,19 @@ var (
 	snapIDRE   = regexp.MustCompile(`^s-[0-9a-f]{16}$`)
 )
 
+// headerRegionRE is the keystore's rule for region names (init checks a
+// new volume's region with keystore.ValidRegion).
+var headerRegionRE = regexp.MustCompile(`^[a-z0-9-]{2,40}$`)
+
 func checkHeader(h *header, rep *CheckReport) {
 	if !volumeIDRE.MatchString(h.ID) {
 		rep.add(ProblemHeader, false, "%s: volume id %q is not v- and 16 hex digits", headerFile, h.ID)
+	}
+	if !headerRegionRE.MatchString(h.Region) {
+		// Every key of an encrypted disk is asked for in this region:
+		// the keystore refuses such a name (keystore.ValidRegion), so
+		// no encrypted disk can be made, attached or mounted.
+		rep.add(ProblemHeader, false, "%s: region %q is not 2 to 40 characters from a-z, 0-9 and '-'", headerFile, h.Region)
 	}
 	if h.Created.IsZero() {
 		rep.add(ProblemHeader, false, "%s: no creation time", headerFile)

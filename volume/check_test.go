@@ -309,6 +309,34 @@ func TestVolumeCheckOffline(t *testing.T) {
 			}
 		})
 	}
+	// A region the keystore refuses opens (listing works), but no
+	// encrypted disk can be made or attached: check says why, open or not.
+	t.Run("region", func(t *testing.T) {
+		tv := newCheckVol(t)
+		tv.v.Close()
+		tv.v = nil
+		p := filepath.Join(tv.dir, headerFile)
+		b, _ := os.ReadFile(p)
+		var h map[string]any
+		if err := json.Unmarshal(b, &h); err != nil {
+			t.Fatal(err)
+		}
+		h["region"] = "../../x"
+		b, _ = json.Marshal(h)
+		os.WriteFile(p, b, 0o600)
+		r, err := CheckDir(tv.dir)
+		if err != nil || problemKinds(r)[ProblemHeader] == 0 {
+			t.Fatalf("CheckDir: %v %+v", err, r)
+		}
+		v, err := Open(tv.dir, OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer v.Close()
+		if r, err := v.Check(false); err != nil || problemKinds(r)[ProblemHeader] == 0 {
+			t.Fatalf("Check: %v %+v", err, r)
+		}
+	})
 	t.Run("locked", func(t *testing.T) {
 		tv := newCheckVol(t)
 		if _, err := CheckDir(tv.dir); !errors.Is(err, ErrLocked) {
