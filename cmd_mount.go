@@ -846,7 +846,47 @@ func unescapeMountinfo(s string) string {
 // record it cannot tell, and says no.
 func daemonGone(absMP string) bool {
 	st, err := readRecord(absMP)
-	return err == nil && !processAlive(st.PID)
+	return err == nil && (!processAlive(st.PID) || startedAfter(st.PID, st.Started))
+}
+
+// startedAfter reports whether process pid began more than a second after
+// t: then it is not the daemon that wrote a record at t, but a process that
+// got its pid again (pids are reused, and a daemon killed with -9 long ago
+// may name a live shell). False when it cannot tell.
+func startedAfter(pid int, t time.Time) bool {
+	if t.IsZero() {
+		return false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	i := bytes.LastIndexByte(b, ')')
+	if err != nil || i < 0 {
+		return false
+	}
+	// Field 22, starttime, in clock ticks (USER_HZ, 100 on Linux) since
+	// boot; the fields after the command name start at field 3.
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return false
+	}
+	ticks, err := strconv.ParseInt(f[19], 10, 64)
+	if err != nil {
+		return false
+	}
+	st, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return false
+	}
+	var btime int64
+	for _, line := range strings.Split(string(st), "\n") {
+		if v, ok := strings.CutPrefix(line, "btime "); ok {
+			btime, _ = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	if btime == 0 {
+		return false
+	}
+	start := time.Unix(btime, 0).Add(time.Duration(ticks) * (time.Second / 100))
+	return start.After(t.Add(time.Second))
 }
 
 // processAlive reports whether process pid runs. A zombie (exited, not yet

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -67,6 +68,7 @@ func TestScripts(t *testing.T) {
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
 			"stalesock":  cmdStaleSock,
 			"killdaemon": cmdKillDaemon,
+			"reusepid":   cmdReusePID,
 			"waitfor":    cmdWaitFor,
 		},
 	})
@@ -121,6 +123,27 @@ func cmdKillDaemon(ts *testscript.TestScript, neg bool, args []string) {
 		var ws syscall.WaitStatus
 		syscall.Wait4(st.PID, &ws, syscall.WNOHANG, nil)
 	}
+}
+
+// reusepid MOUNTPOINT makes the runtime record of MOUNTPOINT's (dead)
+// daemon name a live process started after it, as when its pid is reused:
+// a new sleep, its record's start time moved an hour back.
+func cmdReusePID(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: reusepid MOUNTPOINT")
+	}
+	old := os.Getenv("ENCDISK_RUNTIME_DIR")
+	os.Setenv("ENCDISK_RUNTIME_DIR", ts.Getenv("ENCDISK_RUNTIME_DIR"))
+	defer os.Setenv("ENCDISK_RUNTIME_DIR", old)
+	st, err := readRecord(ts.MkAbs(args[0]))
+	ts.Check(err)
+	sleep := exec.Command("sleep", "600")
+	ts.Check(sleep.Start())
+	ts.Defer(func() { sleep.Process.Kill(); sleep.Wait() })
+	st.PID = sleep.Process.Pid
+	st.Started = st.Started.Add(-time.Hour)
+	_, err = writeRecord(*st)
+	ts.Check(err)
 }
 
 // unmountUnder lazily unmounts every mount below dir.
