@@ -443,6 +443,11 @@ func hintFor(err error) string {
 	if errors.As(err, &ve) {
 		vol = ve.vol
 	}
+	var se *os.SyscallError
+	var pe *os.PathError
+	if (errors.As(err, &se) && se.Syscall == "getwd") || (errors.As(err, &pe) && pe.Op == "getwd") {
+		return "the current directory was removed: cd to one that exists, or give absolute paths"
+	}
 	switch errKind(err) {
 	case "damaged_header":
 		return fmt.Sprintf("`encdisk check %s` reports what else is damaged; restore %s from a backup of the volume; the disks themselves are in meta.db and data/", vol, filepath.Join(vol, "volume.json"))

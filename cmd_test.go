@@ -448,3 +448,30 @@ func TestProcessAliveZombie(t *testing.T) {
 		t.Error("processAlive(self) = false")
 	}
 }
+
+// A command run from a directory that was removed says so, with a hint
+// (it said only "getwd: no such file or directory").
+func TestRemovedWorkingDirectory(t *testing.T) {
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone := t.TempDir() + "/gone"
+	if err := os.Mkdir(gone, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chdir(gone); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Chdir(wd)
+	if err := os.Remove(gone); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("HOME", t.TempDir())
+	t.Setenv("ENCDISK_CONFIG", "")
+	var out, errb bytes.Buffer
+	code := run([]string{"encdisk", "disk", "list", "vol"}, &out, &errb)
+	if code != exitError || !strings.Contains(errb.String(), "encdisk: hint: the current directory was removed") {
+		t.Fatalf("code %d, stderr %q", code, errb.String())
+	}
+}
