@@ -10,6 +10,7 @@ import (
 	"syscall"
 
 	"github.com/encdisk/encdisk/control"
+	"github.com/encdisk/encdisk/internal/regfile"
 	"github.com/encdisk/encdisk/snapshots"
 	"github.com/encdisk/encdisk/volume"
 	"github.com/urfave/cli/v2"
@@ -151,6 +152,13 @@ func checkDirect(abs string, repair bool) (*checkResult, error) {
 	// there is stale (a daemon killed with -9).
 	sock := volume.SocketPath(abs)
 	stale := fileExists(sock)
+	var inWay *os.FileMode
+	if fi, err := os.Lstat(sock); err == nil && fi.Mode()&os.ModeSocket == 0 {
+		// Not a socket a daemon left (a directory, say): not harmless,
+		// since no mount can listen there, and not ours to remove.
+		m := fi.Mode()
+		stale, inWay = false, &m
+	}
 	if stale && repair {
 		os.Remove(sock)
 	}
@@ -164,6 +172,10 @@ func checkDirect(abs string, repair bool) (*checkResult, error) {
 	if stale {
 		rep.Problems = append(rep.Problems, snapshots.Problem{Kind: problemSocket, Fixable: true, Repaired: repair, Harmless: !repair,
 			Detail: fmt.Sprintf("%s is left from a daemon that is gone (killed?); the next mount or command replaces it", sock)})
+	}
+	if inWay != nil {
+		rep.Problems = append(rep.Problems, snapshots.Problem{Kind: problemSocket,
+			Detail: fmt.Sprintf("%s is %s, not a socket: no mount can listen there; move it out of the volume directory", sock, regfile.Kind(*inWay))})
 	}
 	return &checkResult{CheckReport: *rep}, nil
 }
@@ -250,6 +262,10 @@ func checkVerdict(vol string, repair bool, r *checkResult) error {
 				seen[p.Kind] = true
 				kinds = append(kinds, p.Kind)
 			}
+		}
+		if len(kinds) == 1 && kinds[0] == problemSocket {
+			// Only something in the socket's place: the data is fine.
+			return withHint(err, "move %s out of the volume directory (the problem above says what it is); nothing else is wrong", volume.SocketPath(vol))
 		}
 		return withHint(err, "the damage (%s) cannot be repaired automatically; copy what still reads off the disks and restore the volume from a backup", strings.Join(kinds, ", "))
 	}

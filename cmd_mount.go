@@ -592,6 +592,12 @@ func runDaemon(c *cli.Context, a mountArgs, sec *daemonSecret, ready func(error)
 	}
 	sock := volume.SocketPath(a.absVol)
 	os.Remove(sock) // we hold the volume's lock: any socket there is stale
+	if fi, err := os.Lstat(sock); err == nil {
+		// Not removed: a directory that holds something. Listen would
+		// say only "address already in use".
+		return withHint(fmt.Errorf("%s is %s, not the volume's control socket, and is in its way", sock, regfile.Kind(fi.Mode())),
+			"move it out of the volume directory; encdisk makes the socket there while mounted")
+	}
 	srv, err := control.Listen(socketAddr(sock), handler)
 	if err != nil {
 		return err
