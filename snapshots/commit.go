@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 
 	bolt "go.etcd.io/bbolt"
@@ -72,6 +74,7 @@ func (s *Store) captureLocked() *changes {
 	}
 	c.free = mergeExtents(c.free)
 	clear(s.dirtyNodes)
+	s.dirtyCount.Store(0)
 	clear(s.dirtyNodeRefs)
 	clear(s.dirtyBlockRefs)
 	clear(s.dirtyTrees)
@@ -86,6 +89,7 @@ func (s *Store) restoreLocked(c *changes) {
 	for id := range c.nodes {
 		s.dirtyNodes[id] = s.nodes[id] != nil
 	}
+	s.dirtyCount.Store(int64(len(s.dirtyNodes)))
 	for id := range c.nodeRefs {
 		s.dirtyNodeRefs[id] = true
 	}
@@ -358,6 +362,7 @@ func (s *Store) keepMetaRoom() {
 	if s.db.View(func(tx *bolt.Tx) error { used = tx.Size(); return nil }) != nil {
 		return
 	}
+	s.unlockMetaMap(used)
 	slack := metaSlack + used/8
 	if s.metaRoom-used >= slack/2 {
 		return
@@ -370,6 +375,61 @@ func (s *Store) keepMetaRoom() {
 	if unix.Fallocate(int(f.Fd()), 0, 0, used+slack) == nil {
 		s.metaRoom = used + slack
 	}
+}
+
+// unlockMetaMap munlocks bbolt's mapping of the metadata file, as poolMap
+// does its windows. The mount daemon runs with mlockall(MCL_FUTURE), which
+// locks every page of that mapping a read touches: bbolt's open (it finds
+// its free pages by walking every page of the file) and then every node
+// read back after the node cache dropped it. The file holds block maps
+// and the catalogue, no key, so nothing in it needs to stay out of swap;
+// locked, it pinned as much memory as the file's size (3 GiB for the
+// block map of 1 TiB written one sector per 2 MiB), out of reach of
+// reclaim. bbolt maps the file anew when it grows, at the same address or
+// another, so this runs after every commit (keepMetaRoom) and does its
+// work when the mapping is new: another address, or a used size beyond
+// the last mapping's end. used is the size of the file in use. Called with
+// commitMu held, or before the store is shared: bbolt remaps only inside
+// a commit.
+func (s *Store) unlockMetaMap(used int64) {
+	start := s.db.Info().Data
+	if start == s.metaMapStart && used <= s.metaMapLen {
+		return
+	}
+	end := mappingEnd(start)
+	if end <= start {
+		return
+	}
+	// The whole mapping: pages past the end of the file become readable,
+	// without a new mapping, as the file grows.
+	if _, _, errno := unix.Syscall(unix.SYS_MUNLOCK, start, end-start, 0); errno != 0 {
+		return
+	}
+	s.metaMapStart, s.metaMapLen = start, int64(end-start)
+	s.metaUnlocks++
+}
+
+// mappingEnd returns the end of this process's mapping that starts at
+// start (from /proc/self/maps), or 0.
+func mappingEnd(start uintptr) uintptr {
+	b, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		return 0
+	}
+	want := strconv.FormatUint(uint64(start), 16) + "-"
+	for line := range strings.Lines(string(b)) {
+		rest, ok := strings.CutPrefix(line, want)
+		if !ok {
+			continue
+		}
+		hex, _, _ := strings.Cut(rest, " ")
+		end, err := strconv.ParseUint(hex, 16, 64)
+		if err != nil {
+			return 0
+		}
+		return uintptr(end)
+	}
+	return 0
 }
 
 // size is the number of metadata bytes the commit writes (keys and values).
@@ -390,6 +450,7 @@ func (s *Store) retire(c *changes) {
 		// A failed punch only costs space; the blocks are free either way.
 		_ = s.punch(e)
 	}
+	s.throttleOff.Store(false)
 	s.mu.Lock()
 	s.inflight = nil
 	s.trimNodeCacheLocked()
@@ -585,6 +646,12 @@ func (s *Store) trimNodeCacheLocked() {
 		return
 	}
 	target := maxCachedNodes * 3 / 4
+	dropped := false
+	defer func() {
+		if dropped {
+			s.trims++
+		}
+	}()
 	for id := range s.nodes {
 		if len(s.nodes) <= target {
 			return
@@ -593,6 +660,7 @@ func (s *Store) trimNodeCacheLocked() {
 		_, captured := s.inflight[id]
 		if !dirty && !captured {
 			delete(s.nodes, id)
+			dropped = true
 		}
 	}
 }

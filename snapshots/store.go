@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	bolt "go.etcd.io/bbolt"
 	"golang.org/x/sys/unix"
@@ -118,6 +119,21 @@ type Store struct {
 	metaRoom  int64  // bytes of the metadata file known to be allocated (keepMetaRoom)
 
 	openFixes []Problem // what Open found wrong and fixed; the next Check reports them
+
+	// bbolt's mapping of the metadata file as last munlocked
+	// (unlockMetaMap), and the number of times it was.
+	metaMapStart uintptr
+	metaMapLen   int64
+	metaUnlocks  int
+
+	// dirtyCount is len(dirtyNodes), for BeginIO without s.mu;
+	// throttleOff says the last commit BeginIO ran failed.
+	dirtyCount  atomic.Int64
+	throttleOff atomic.Bool
+
+	// trims counts the trims of the node cache that dropped nodes
+	// (loadPath), and loadedUnlocked the nodes it loaded (tests).
+	trims, loadedUnlocked uint64
 
 	// inflight are the nodes the commit in progress captured (nil when
 	// none is): no longer dirty, not yet in the database, so the node

@@ -49,6 +49,16 @@ func (s *Store) loadNodeLocked(id uint64) (*node, error) {
 	if n := s.nodes[id]; n != nil {
 		return n, nil
 	}
+	n, err := s.readNode(id)
+	if err != nil {
+		return nil, err
+	}
+	s.nodes[id] = n
+	return n, nil
+}
+
+// readNode reads node id from the database. It needs no lock.
+func (s *Store) readNode(id uint64) (*node, error) {
 	var n *node
 	err := s.db.View(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bucketNodes).Get(u64(id))
@@ -59,11 +69,61 @@ func (s *Store) loadNodeLocked(id uint64) (*node, error) {
 		n, err = decodeNode(v)
 		return err
 	})
-	if err != nil {
-		return nil, err
+	return n, err
+}
+
+// maxUnlockedLoads bounds the nodes loadPath reads for one request; a
+// request spans at most a few leaves, so this is reached only when trims
+// keep dropping what it loads.
+const maxUnlockedLoads = 16
+
+// loadPath brings into the cache the nodes on the paths to sectors
+// first... of tree t (len(out) of them; out is scratch), reading each from
+// the database with no lock held. A read of the metadata file that misses
+// the host's page cache waits for storage; under s.mu every other disk's
+// reads and writes, cached or not, waited with it, and a block map larger
+// than the node cache made that every request.
+//
+// A node read without the lock goes into the cache only if, under the
+// lock, it is still the one missing on that path and no trim has dropped
+// nodes since it was found missing. Then it was not in the cache at any
+// moment in between, so no one changed it, and the database holds it as it
+// is: a node that is dirty or captured by a commit in flight is never
+// dropped. (A discard may have freed it meanwhile; then the path no longer
+// reaches it.) It returns the node still missing (0 if none), which the
+// caller loads under the lock as before; a read that fails (a node freed
+// and deleted meanwhile, or damaged) is left to that path too.
+func (s *Store) loadPath(t TreeID, first uint64, out []uint64) (uint64, error) {
+	s.mu.RLock()
+	ts, err := s.tree(t)
+	var missing uint64
+	if err == nil {
+		missing = s.lookupLocked(ts, first, out)
 	}
-	s.nodes[id] = n
-	return n, nil
+	trims := s.trims
+	s.mu.RUnlock()
+	for tries := 0; err == nil && missing != 0 && tries < maxUnlockedLoads; tries++ {
+		n, rerr := s.readNode(missing)
+		if testHookLookupUnlocked != nil {
+			testHookLookupUnlocked()
+		}
+		if rerr != nil {
+			break
+		}
+		s.mu.Lock()
+		ts, err = s.tree(t)
+		if err == nil {
+			if s.lookupLocked(ts, first, out) == missing && s.trims == trims {
+				s.trimNodeCacheLocked()
+				s.nodes[missing] = n
+				s.loadedUnlocked++
+			}
+			missing = s.lookupLocked(ts, first, out)
+			trims = s.trims
+		}
+		s.mu.Unlock()
+	}
+	return missing, err
 }
 
 // nodeW returns node id for writing; s.mu held exclusively. A failure to load
@@ -105,6 +165,7 @@ func (s *Store) mutate(f func()) error {
 		return s.poisoned
 	}
 	err := catchMeta(f)
+	s.dirtyCount.Store(int64(len(s.dirtyNodes)))
 	if err != nil {
 		s.poisoned = fmt.Errorf("%w: %v", ErrPoisoned, err)
 	}
@@ -342,7 +403,26 @@ func (s *Store) clearRange(id uint64, level int, base, lo, hi uint64) (uint64, u
 // PrepareWrite, the caller's pread or pwrite of the blocks they return, and
 // Publish or Abort) runs between BeginIO and EndIO, so blocks freed in the
 // meantime are not reused under it. Never nest BeginIO.
-func (s *Store) BeginIO() { s.gate.RLock() }
+//
+// When more than maxDirtyNodes nodes wait for a commit, BeginIO commits
+// first (Sync: callers arriving together share it): writes that each
+// dirty a new node (scattered over a large disk, one per 2 MiB) otherwise
+// make nodes faster than the periodic commit writes them, and dirty nodes
+// stay in memory. A commit that fails (a full file system) turns this off
+// until one succeeds: the error reaches the caller's fsync, not every I/O.
+func (s *Store) BeginIO() {
+	if s.dirtyCount.Load() > int64(maxDirtyNodes) && !s.throttleOff.Load() {
+		if s.Sync() != nil {
+			s.throttleOff.Store(true)
+		}
+	}
+	s.gate.RLock()
+}
+
+// maxDirtyNodes bounds the nodes that wait for a commit (BeginIO): 4096
+// nodes, 16 MiB, and about as much again in the commit's encoded copies
+// and the database's pages. A variable for the tests.
+var maxDirtyNodes = 4096
 
 // EndIO leaves the I/O gate.
 func (s *Store) EndIO() { s.gate.RUnlock() }
@@ -412,10 +492,10 @@ func (s *Store) Lookup(t TreeID, first uint64, out []uint64) error {
 	if err != nil || missing == 0 {
 		return err
 	}
-	if testHookLookupUnlocked != nil {
-		testHookLookupUnlocked()
+	if missing, err = s.loadPath(t, first, out); err != nil || missing == 0 {
+		return err
 	}
-	// Load what is missing under the write lock, walking from the root
+	// Load what is still missing under the write lock, walking from the root
 	// again: the node missing a moment ago may have been freed since (a
 	// discard), and loading it by id would bring a freed node back into the
 	// cache (stored again by the next commit), or fail once a commit has
@@ -433,8 +513,9 @@ func (s *Store) Lookup(t TreeID, first uint64, out []uint64) error {
 	return err
 }
 
-// testHookLookupUnlocked, if set (by tests), runs in Lookup between the read
-// lock and the write lock, where other operations may run.
+// testHookLookupUnlocked, if set (by tests), runs in loadPath after each
+// read of a node without the lock, before the lock: other operations may
+// run there.
 var testHookLookupUnlocked func()
 
 // sharedNode reports whether node id may be seen by more than one tree, now
@@ -458,6 +539,11 @@ func (s *Store) PrepareWrite(t TreeID, first uint64, out []uint64, fresh []bool)
 	}
 	if s.prepareInPlace(t, first, out, fresh) {
 		return nil
+	}
+	// Read the nodes on the way that are not cached before taking the
+	// exclusive lock (out is scratch until then).
+	if _, err := s.loadPath(t, first, out); err != nil {
+		return err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

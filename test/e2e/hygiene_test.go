@@ -290,6 +290,12 @@ func TestKeyHygiene(t *testing.T) {
 	if locked != 0 {
 		t.Errorf("%d kB of the daemon's mappings of %s are locked in memory (of %d kB mapped)", locked, pool, mapped)
 	}
+	// Nor bbolt's mapping of the metadata file (block maps, no key): its
+	// pages are page cache too, and bbolt's open touches every one.
+	meta := filepath.Join(e.vol, "meta.db")
+	if mapped, locked := mappingOf(t, pid, meta); mapped == 0 || locked != 0 {
+		t.Errorf("%d kB of the daemon's mapping of %s are locked in memory (of %d kB mapped)", locked, meta, mapped)
+	}
 	if lck, anon := kb("VmLck"), kb("RssAnon"); lck < anon {
 		t.Errorf("the mount daemon's memory is not locked after I/O: VmLck %d kB < RssAnon %d kB", lck, anon)
 	}
