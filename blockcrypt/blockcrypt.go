@@ -50,6 +50,7 @@ const (
 	implGeneric             // crypto/aes through cipher.Block, any architecture
 	implAESNI               // amd64: AES-NI on 128-bit registers
 	implVAES512             // amd64: VAES on 512-bit registers (AVX-512)
+	implVAES256             // amd64: VAES on 256-bit registers (AVX2)
 )
 
 func (i impl) String() string {
@@ -60,6 +61,8 @@ func (i impl) String() string {
 		return "aesni"
 	case implVAES512:
 		return "vaes512"
+	case implVAES256:
+		return "vaes256"
 	}
 	return "none"
 }

@@ -12,18 +12,26 @@ import (
 // TestEngineFeatureChecks re-runs TestNewPicksWorkingEngine with CPU
 // features switched off through GODEBUG (x/sys/cpu honours it) and checks
 // that New never picks an engine that executes instructions of a feature
-// reported missing. The vaes512 kernel computes the initial tweak with
+// reported missing. The VAES kernels compute the initial tweak with
 // VEX-encoded AES-NI on 128-bit registers, whose CPUID flags are AES and
 // AVX, not VAES.
 func TestEngineFeatureChecks(t *testing.T) {
-	if !hasVAES512 {
-		t.Skip("no VAES/AVX-512 on this CPU")
+	type check struct{ godebug, want string }
+	var checks []check
+	switch {
+	case hasVAES512:
+		// Every CPU with the 512-bit forms has the 256-bit ones.
+		checks = append(checks, check{"cpu.avx512f=off", "vaes256"},
+			check{"cpu.avx512f=off,cpu.avx2=off", "aesni"})
+	case hasVAES256:
+		checks = append(checks, check{"cpu.avx2=off", "aesni"})
+	case hasAESNI:
+	default:
+		t.Skip("no AES-NI on this CPU: New picks generic, with nothing to switch off")
 	}
-	for _, tt := range []struct{ godebug, want string }{
-		{"cpu.avx512f=off", "aesni"},
-		{"cpu.aes=off", "generic"},
-		{"cpu.avx=off", "generic"},
-	} {
+	checks = append(checks, check{"cpu.aes=off", "generic"}, check{"cpu.avx=off", "generic"},
+		check{"cpu.pclmulqdq=off", "generic"})
+	for _, tt := range checks {
 		t.Run(tt.godebug, func(t *testing.T) {
 			cmd := exec.Command(os.Args[0], "-test.run=^TestNewPicksWorkingEngine$", "-test.v", "-test.count=1")
 			cmd.Env = append(os.Environ(), "GODEBUG="+tt.godebug)

@@ -36,12 +36,16 @@
 //   - vaes512 (amd64 with AVX-512F/BW, VAES and VPCLMULQDQ, and AES-NI and
 //     AVX for the initial tweak): four AES blocks per 512-bit register, 32
 //     blocks in flight, tweaks computed in registers.
+//   - vaes256 (amd64 with AVX2, VAES and VPCLMULQDQ but not AVX-512, such as
+//     AMD Zen 3; AES-NI and AVX for the initial tweak): two blocks per
+//     256-bit register, 16 blocks in flight, round keys read from memory
+//     (AVX2's 16 registers all hold data and tweaks).
 //   - aesni (amd64 with AES-NI, PCLMULQDQ and AVX): eight blocks in flight
 //     on 128-bit registers.
 //   - generic (any other CPU, or the purego build tag): crypto/aes through
 //     cipher.Block, one block at a time.
 //
-// Both assembly engines prefetch the next sector's input while they encrypt
+// The assembly engines prefetch the next sector's input while they encrypt
 // the current one: each 4 KiB sector is a page of its own, and the hardware
 // prefetchers stop at page boundaries, so a buffer that is not in the CPU's
 // cache (the host's page cache, decrypted in place by the read path) would

@@ -24,6 +24,14 @@ var (
 	hasVAES512 = cpu.X86.HasAVX512F && cpu.X86.HasAVX512BW &&
 		cpu.X86.HasAVX512VAES && cpu.X86.HasAVX512VPCLMULQDQ &&
 		cpu.X86.HasAES && cpu.X86.HasAVX
+	// hasVAES256 needs AVX2 (256-bit integer shifts and XORs) and VAES and
+	// VPCLMULQDQ in their VEX.256 forms, plus AES and AVX for the initial
+	// tweak as above. x/sys/cpu reports VAES and VPCLMULQDQ only on CPUs
+	// with AVX-512, so their CPUID bits (leaf 7, ECX bits 9 and 10) are
+	// read here; HasAVX2 already implies that leaf 7 exists and that the OS
+	// saves the ymm state.
+	hasVAES256 = cpu.X86.HasAVX2 && cpu.X86.HasAES && cpu.X86.HasAVX &&
+		cpu.X86.HasPCLMULQDQ && hasVAESBits()
 	// hasAESNI needs PCLMULQDQ for the tweak update and AVX for the VEX
 	// encodings, whose memory operands need no alignment.
 	hasAESNI = cpu.X86.HasAES && cpu.X86.HasPCLMULQDQ && cpu.X86.HasAVX
@@ -34,6 +42,8 @@ var bestImpl = func() impl {
 	switch {
 	case hasVAES512:
 		return implVAES512
+	case hasVAES256:
+		return implVAES256
 	case hasAESNI:
 		return implAESNI
 	}
@@ -46,10 +56,25 @@ func asmImpls() []impl {
 	if hasAESNI {
 		is = append(is, implAESNI)
 	}
+	if hasVAES256 {
+		is = append(is, implVAES256)
+	}
 	if hasVAES512 {
 		is = append(is, implVAES512)
 	}
 	return is
+}
+
+// hasVAESBits reports the VAES and VPCLMULQDQ bits of CPUID leaf 7. A
+// GODEBUG of cpu.vaes=off or cpu.vpclmulqdq=off, which x/sys/cpu does not
+// know without AVX-512, is not honoured; cpu.avx2=off turns the engine off.
+func hasVAESBits() bool {
+	const vaes, vpclmulqdq = 1 << 9, 1 << 10
+	if !cpu.X86.HasAVX2 {
+		return false // leaf 7 may not exist
+	}
+	_, _, ecx, _ := cpuidex(7, 0)
+	return ecx&vaes != 0 && ecx&vpclmulqdq != 0
 }
 
 // roundKeys are the expanded AES-256 keys the kernels read: 15 round keys of
@@ -58,6 +83,11 @@ type roundKeys struct {
 	enc1 [240]byte // K1, encryption
 	dec1 [240]byte // K1, decryption (equivalent inverse cipher)
 	enc2 [240]byte // K2, encryption: the tweak is only ever encrypted
+
+	// The schedules of K1 with every round key written twice, for the
+	// 256-bit kernel, whose memory operands cover both lanes of a register.
+	enc1x2 [480]byte
+	dec1x2 [480]byte
 }
 
 func (rk *roundKeys) bytes() []byte {
@@ -68,7 +98,29 @@ func (c *Cipher) initAsm(key *[KeySize]byte, which impl) {
 	expandKey(&c.rk.enc1, key[:32])
 	invertKey(&c.rk.dec1, &c.rk.enc1)
 	expandKey(&c.rk.enc2, key[32:])
+	if which == implVAES256 {
+		for r := 0; r < 240; r += 16 {
+			copy(c.rk.enc1x2[2*r:], c.rk.enc1[r:r+16])
+			copy(c.rk.enc1x2[2*r+16:], c.rk.enc1[r:r+16])
+			copy(c.rk.dec1x2[2*r:], c.rk.dec1[r:r+16])
+			copy(c.rk.dec1x2[2*r+16:], c.rk.dec1[r:r+16])
+		}
+	}
 	c.impl = which
+}
+
+// k1Schedule returns the schedule of K1 the engine's kernel reads, for the
+// tests that damage it.
+func (c *Cipher) k1Schedule(decrypt bool) []byte {
+	switch {
+	case c.impl == implVAES256 && decrypt:
+		return c.rk.dec1x2[:]
+	case c.impl == implVAES256:
+		return c.rk.enc1x2[:]
+	case decrypt:
+		return c.rk.dec1[:]
+	}
+	return c.rk.enc1[:]
 }
 
 func (c *Cipher) cryptAsm(dst, src []byte, unit uint64, decrypt bool) {
@@ -78,6 +130,10 @@ func (c *Cipher) cryptAsm(dst, src []byte, unit uint64, decrypt bool) {
 		xtsDecVAES512(&c.rk.dec1, &c.rk.enc2, dst, src, unit)
 	case c.impl == implVAES512:
 		xtsEncVAES512(&c.rk.enc1, &c.rk.enc2, dst, src, unit)
+	case c.impl == implVAES256 && decrypt:
+		xtsDecVAES256(&c.rk.dec1x2, &c.rk.enc2, dst, src, unit)
+	case c.impl == implVAES256:
+		xtsEncVAES256(&c.rk.enc1x2, &c.rk.enc2, dst, src, unit)
 	case c.impl == implAESNI && decrypt:
 		xtsDecAESNI(&c.rk.dec1, &c.rk.enc2, dst, src, unit)
 	case c.impl == implAESNI:

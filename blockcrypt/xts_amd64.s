@@ -18,6 +18,12 @@ DATA xtsGFMask512<>+48(SB)/8, $0x0000000000000087
 DATA xtsGFMask512<>+56(SB)/8, $0x0000000000000001
 GLOBL xtsGFMask512<>(SB), RODATA|NOPTR, $64
 
+DATA xtsGFMask256<>+0(SB)/8, $0x0000000000000087
+DATA xtsGFMask256<>+8(SB)/8, $0x0000000000000001
+DATA xtsGFMask256<>+16(SB)/8, $0x0000000000000087
+DATA xtsGFMask256<>+24(SB)/8, $0x0000000000000001
+GLOBL xtsGFMask256<>(SB), RODATA|NOPTR, $32
+
 DATA xtsLaneShiftL<>+0(SB)/8, $0x0000000000000000
 DATA xtsLaneShiftL<>+8(SB)/8, $0x0000000000000000
 DATA xtsLaneShiftL<>+16(SB)/8, $0x0000000000000001
@@ -822,6 +828,718 @@ xtsDecVAES512_done:
 	VZEROUPPER
 	RET
 
+// func xtsEncVAES256(k1 *[480]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
+// Requires: AES, AVX, AVX2, MMX+, SSE2
+TEXT ·xtsEncVAES256(SB), NOSPLIT, $0-72
+	MOVQ k1+0(FP), AX
+	MOVQ k2+8(FP), BX
+	MOVQ dst_base+16(FP), DI
+	MOVQ src_base+40(FP), SI
+	MOVQ src_len+48(FP), CX
+	MOVQ unit+64(FP), DX
+
+	// T = AES-256-Encrypt(K2, little-endian unit number)
+	MOVQ        DX, X8
+	VPXOR       (BX), X8, X8
+	VAESENC     16(BX), X8, X8
+	VAESENC     32(BX), X8, X8
+	VAESENC     48(BX), X8, X8
+	VAESENC     64(BX), X8, X8
+	VAESENC     80(BX), X8, X8
+	VAESENC     96(BX), X8, X8
+	VAESENC     112(BX), X8, X8
+	VAESENC     128(BX), X8, X8
+	VAESENC     144(BX), X8, X8
+	VAESENC     160(BX), X8, X8
+	VAESENC     176(BX), X8, X8
+	VAESENC     192(BX), X8, X8
+	VAESENC     208(BX), X8, X8
+	VAESENCLAST 224(BX), X8, X8
+
+	// Y8 = T*x^0 | T*x^1 (lane 0 is the lowest).
+	VPSRAD      $0x1f, X8, X0
+	VPSHUFD     $0x13, X0, X0
+	VPAND       xtsGFMask<>+0(SB), X0, X0
+	VPADDQ      X8, X8, X9
+	VPXOR       X0, X9, X9
+	VINSERTI128 $0x01, X9, Y8, Y8
+
+	// Y9-Y15: the tweaks of blocks 2-3, 4-5, ..., 14-15.
+	VPSRLQ     $0x3e, Y8, Y3
+	VPSLLQ     $0x02, Y8, Y9
+	VPSLLDQ    $0x08, Y3, Y2
+	VPSRLDQ    $0x08, Y3, Y3
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y3, Y3
+	VPXOR      Y2, Y9, Y9
+	VPXOR      Y3, Y9, Y9
+	VPSRLQ     $0x3c, Y8, Y5
+	VPSLLQ     $0x04, Y8, Y10
+	VPSLLDQ    $0x08, Y5, Y4
+	VPSRLDQ    $0x08, Y5, Y5
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y5, Y5
+	VPXOR      Y4, Y10, Y10
+	VPXOR      Y5, Y10, Y10
+	VPSRLQ     $0x3a, Y8, Y7
+	VPSLLQ     $0x06, Y8, Y11
+	VPSLLDQ    $0x08, Y7, Y6
+	VPSRLDQ    $0x08, Y7, Y7
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y7, Y7
+	VPXOR      Y6, Y11, Y11
+	VPXOR      Y7, Y11, Y11
+	VPSRLQ     $0x38, Y8, Y1
+	VPSLLQ     $0x08, Y8, Y12
+	VPSLLDQ    $0x08, Y1, Y0
+	VPSRLDQ    $0x08, Y1, Y1
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y1, Y1
+	VPXOR      Y0, Y12, Y12
+	VPXOR      Y1, Y12, Y12
+	VPSRLQ     $0x36, Y8, Y3
+	VPSLLQ     $0x0a, Y8, Y13
+	VPSLLDQ    $0x08, Y3, Y2
+	VPSRLDQ    $0x08, Y3, Y3
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y3, Y3
+	VPXOR      Y2, Y13, Y13
+	VPXOR      Y3, Y13, Y13
+	VPSRLQ     $0x34, Y8, Y5
+	VPSLLQ     $0x0c, Y8, Y14
+	VPSLLDQ    $0x08, Y5, Y4
+	VPSRLDQ    $0x08, Y5, Y5
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y5, Y5
+	VPXOR      Y4, Y14, Y14
+	VPXOR      Y5, Y14, Y14
+	VPSRLQ     $0x32, Y8, Y7
+	VPSLLQ     $0x0e, Y8, Y15
+	VPSLLDQ    $0x08, Y7, Y6
+	VPSRLDQ    $0x08, Y7, Y7
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y7, Y7
+	VPXOR      Y6, Y15, Y15
+	VPXOR      Y7, Y15, Y15
+
+xtsEncVAES256_loop16:
+	CMPQ        CX, $0x00000100
+	JB          xtsEncVAES256_tail2
+	VPXOR       (SI), Y8, Y0
+	VPXOR       (AX), Y0, Y0
+	VPXOR       32(SI), Y9, Y1
+	VPXOR       (AX), Y1, Y1
+	VPXOR       64(SI), Y10, Y2
+	VPXOR       (AX), Y2, Y2
+	VPXOR       96(SI), Y11, Y3
+	VPXOR       (AX), Y3, Y3
+	VPXOR       128(SI), Y12, Y4
+	VPXOR       (AX), Y4, Y4
+	VPXOR       160(SI), Y13, Y5
+	VPXOR       (AX), Y5, Y5
+	VPXOR       192(SI), Y14, Y6
+	VPXOR       (AX), Y6, Y6
+	VPXOR       224(SI), Y15, Y7
+	VPXOR       (AX), Y7, Y7
+	PREFETCHT0  4096(SI)
+	PREFETCHT0  4160(SI)
+	PREFETCHT0  4224(SI)
+	PREFETCHT0  4288(SI)
+	VAESENC     32(AX), Y0, Y0
+	VAESENC     32(AX), Y1, Y1
+	VAESENC     32(AX), Y2, Y2
+	VAESENC     32(AX), Y3, Y3
+	VAESENC     32(AX), Y4, Y4
+	VAESENC     32(AX), Y5, Y5
+	VAESENC     32(AX), Y6, Y6
+	VAESENC     32(AX), Y7, Y7
+	VAESENC     64(AX), Y0, Y0
+	VAESENC     64(AX), Y1, Y1
+	VAESENC     64(AX), Y2, Y2
+	VAESENC     64(AX), Y3, Y3
+	VAESENC     64(AX), Y4, Y4
+	VAESENC     64(AX), Y5, Y5
+	VAESENC     64(AX), Y6, Y6
+	VAESENC     64(AX), Y7, Y7
+	VAESENC     96(AX), Y0, Y0
+	VAESENC     96(AX), Y1, Y1
+	VAESENC     96(AX), Y2, Y2
+	VAESENC     96(AX), Y3, Y3
+	VAESENC     96(AX), Y4, Y4
+	VAESENC     96(AX), Y5, Y5
+	VAESENC     96(AX), Y6, Y6
+	VAESENC     96(AX), Y7, Y7
+	VAESENC     128(AX), Y0, Y0
+	VAESENC     128(AX), Y1, Y1
+	VAESENC     128(AX), Y2, Y2
+	VAESENC     128(AX), Y3, Y3
+	VAESENC     128(AX), Y4, Y4
+	VAESENC     128(AX), Y5, Y5
+	VAESENC     128(AX), Y6, Y6
+	VAESENC     128(AX), Y7, Y7
+	VAESENC     160(AX), Y0, Y0
+	VAESENC     160(AX), Y1, Y1
+	VAESENC     160(AX), Y2, Y2
+	VAESENC     160(AX), Y3, Y3
+	VAESENC     160(AX), Y4, Y4
+	VAESENC     160(AX), Y5, Y5
+	VAESENC     160(AX), Y6, Y6
+	VAESENC     160(AX), Y7, Y7
+	VAESENC     192(AX), Y0, Y0
+	VAESENC     192(AX), Y1, Y1
+	VAESENC     192(AX), Y2, Y2
+	VAESENC     192(AX), Y3, Y3
+	VAESENC     192(AX), Y4, Y4
+	VAESENC     192(AX), Y5, Y5
+	VAESENC     192(AX), Y6, Y6
+	VAESENC     192(AX), Y7, Y7
+	VAESENC     224(AX), Y0, Y0
+	VAESENC     224(AX), Y1, Y1
+	VAESENC     224(AX), Y2, Y2
+	VAESENC     224(AX), Y3, Y3
+	VAESENC     224(AX), Y4, Y4
+	VAESENC     224(AX), Y5, Y5
+	VAESENC     224(AX), Y6, Y6
+	VAESENC     224(AX), Y7, Y7
+	VAESENC     256(AX), Y0, Y0
+	VAESENC     256(AX), Y1, Y1
+	VAESENC     256(AX), Y2, Y2
+	VAESENC     256(AX), Y3, Y3
+	VAESENC     256(AX), Y4, Y4
+	VAESENC     256(AX), Y5, Y5
+	VAESENC     256(AX), Y6, Y6
+	VAESENC     256(AX), Y7, Y7
+	VAESENC     288(AX), Y0, Y0
+	VAESENC     288(AX), Y1, Y1
+	VAESENC     288(AX), Y2, Y2
+	VAESENC     288(AX), Y3, Y3
+	VAESENC     288(AX), Y4, Y4
+	VAESENC     288(AX), Y5, Y5
+	VAESENC     288(AX), Y6, Y6
+	VAESENC     288(AX), Y7, Y7
+	VAESENC     320(AX), Y0, Y0
+	VAESENC     320(AX), Y1, Y1
+	VAESENC     320(AX), Y2, Y2
+	VAESENC     320(AX), Y3, Y3
+	VAESENC     320(AX), Y4, Y4
+	VAESENC     320(AX), Y5, Y5
+	VAESENC     320(AX), Y6, Y6
+	VAESENC     320(AX), Y7, Y7
+	VAESENC     352(AX), Y0, Y0
+	VAESENC     352(AX), Y1, Y1
+	VAESENC     352(AX), Y2, Y2
+	VAESENC     352(AX), Y3, Y3
+	VAESENC     352(AX), Y4, Y4
+	VAESENC     352(AX), Y5, Y5
+	VAESENC     352(AX), Y6, Y6
+	VAESENC     352(AX), Y7, Y7
+	VAESENC     384(AX), Y0, Y0
+	VAESENC     384(AX), Y1, Y1
+	VAESENC     384(AX), Y2, Y2
+	VAESENC     384(AX), Y3, Y3
+	VAESENC     384(AX), Y4, Y4
+	VAESENC     384(AX), Y5, Y5
+	VAESENC     384(AX), Y6, Y6
+	VAESENC     384(AX), Y7, Y7
+	VAESENC     416(AX), Y0, Y0
+	VAESENC     416(AX), Y1, Y1
+	VAESENC     416(AX), Y2, Y2
+	VAESENC     416(AX), Y3, Y3
+	VAESENC     416(AX), Y4, Y4
+	VAESENC     416(AX), Y5, Y5
+	VAESENC     416(AX), Y6, Y6
+	VAESENC     416(AX), Y7, Y7
+	VAESENCLAST 448(AX), Y0, Y0
+	VPXOR       Y8, Y0, Y0
+	VAESENCLAST 448(AX), Y1, Y1
+	VPXOR       Y9, Y1, Y1
+	VAESENCLAST 448(AX), Y2, Y2
+	VPXOR       Y10, Y2, Y2
+	VAESENCLAST 448(AX), Y3, Y3
+	VPXOR       Y11, Y3, Y3
+	VAESENCLAST 448(AX), Y4, Y4
+	VPXOR       Y12, Y4, Y4
+	VAESENCLAST 448(AX), Y5, Y5
+	VPXOR       Y13, Y5, Y5
+	VAESENCLAST 448(AX), Y6, Y6
+	VPXOR       Y14, Y6, Y6
+	VAESENCLAST 448(AX), Y7, Y7
+	VPXOR       Y15, Y7, Y7
+	VMOVDQU     Y0, (DI)
+	VMOVDQU     Y1, 32(DI)
+	VMOVDQU     Y2, 64(DI)
+	VMOVDQU     Y3, 96(DI)
+	VMOVDQU     Y4, 128(DI)
+	VMOVDQU     Y5, 160(DI)
+	VMOVDQU     Y6, 192(DI)
+	VMOVDQU     Y7, 224(DI)
+
+	// The next 16 tweaks: each register times x^16, independently.
+	VPSRLDQ    $0x0e, Y8, Y0
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y0, Y0
+	VPSLLDQ    $0x02, Y8, Y8
+	VPXOR      Y0, Y8, Y8
+	VPSRLDQ    $0x0e, Y9, Y1
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y1, Y1
+	VPSLLDQ    $0x02, Y9, Y9
+	VPXOR      Y1, Y9, Y9
+	VPSRLDQ    $0x0e, Y10, Y2
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y2, Y2
+	VPSLLDQ    $0x02, Y10, Y10
+	VPXOR      Y2, Y10, Y10
+	VPSRLDQ    $0x0e, Y11, Y3
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y3, Y3
+	VPSLLDQ    $0x02, Y11, Y11
+	VPXOR      Y3, Y11, Y11
+	VPSRLDQ    $0x0e, Y12, Y4
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y4, Y4
+	VPSLLDQ    $0x02, Y12, Y12
+	VPXOR      Y4, Y12, Y12
+	VPSRLDQ    $0x0e, Y13, Y5
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y5, Y5
+	VPSLLDQ    $0x02, Y13, Y13
+	VPXOR      Y5, Y13, Y13
+	VPSRLDQ    $0x0e, Y14, Y6
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y6, Y6
+	VPSLLDQ    $0x02, Y14, Y14
+	VPXOR      Y6, Y14, Y14
+	VPSRLDQ    $0x0e, Y15, Y7
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y7, Y7
+	VPSLLDQ    $0x02, Y15, Y15
+	VPXOR      Y7, Y15, Y15
+	ADDQ       $0x00000100, SI
+	ADDQ       $0x00000100, DI
+	SUBQ       $0x00000100, CX
+	JMP        xtsEncVAES256_loop16
+
+	// Fewer than 16 blocks left: two at a time, the tweaks moving down Y9-Y15 into Y8.
+xtsEncVAES256_tail2:
+	CMPQ        CX, $0x00000020
+	JB          xtsEncVAES256_tail1
+	VPXOR       (SI), Y8, Y0
+	VPXOR       (AX), Y0, Y0
+	VAESENC     32(AX), Y0, Y0
+	VAESENC     64(AX), Y0, Y0
+	VAESENC     96(AX), Y0, Y0
+	VAESENC     128(AX), Y0, Y0
+	VAESENC     160(AX), Y0, Y0
+	VAESENC     192(AX), Y0, Y0
+	VAESENC     224(AX), Y0, Y0
+	VAESENC     256(AX), Y0, Y0
+	VAESENC     288(AX), Y0, Y0
+	VAESENC     320(AX), Y0, Y0
+	VAESENC     352(AX), Y0, Y0
+	VAESENC     384(AX), Y0, Y0
+	VAESENC     416(AX), Y0, Y0
+	VAESENCLAST 448(AX), Y0, Y0
+	VPXOR       Y8, Y0, Y0
+	VMOVDQU     Y0, (DI)
+	VMOVDQA     Y9, Y8
+	VMOVDQA     Y10, Y9
+	VMOVDQA     Y11, Y10
+	VMOVDQA     Y12, Y11
+	VMOVDQA     Y13, Y12
+	VMOVDQA     Y14, Y13
+	VMOVDQA     Y15, Y14
+	ADDQ        $0x00000020, SI
+	ADDQ        $0x00000020, DI
+	SUBQ        $0x00000020, CX
+	JMP         xtsEncVAES256_tail2
+
+	// One block may be left: lane 0, with the tweak in lane 0 of Y8.
+xtsEncVAES256_tail1:
+	TESTQ       CX, CX
+	JZ          xtsEncVAES256_done
+	VMOVDQU     (SI), X0
+	VPXOR       Y8, Y0, Y0
+	VPXOR       (AX), Y0, Y0
+	VAESENC     32(AX), Y0, Y0
+	VAESENC     64(AX), Y0, Y0
+	VAESENC     96(AX), Y0, Y0
+	VAESENC     128(AX), Y0, Y0
+	VAESENC     160(AX), Y0, Y0
+	VAESENC     192(AX), Y0, Y0
+	VAESENC     224(AX), Y0, Y0
+	VAESENC     256(AX), Y0, Y0
+	VAESENC     288(AX), Y0, Y0
+	VAESENC     320(AX), Y0, Y0
+	VAESENC     352(AX), Y0, Y0
+	VAESENC     384(AX), Y0, Y0
+	VAESENC     416(AX), Y0, Y0
+	VAESENCLAST 448(AX), Y0, Y0
+	VPXOR       Y8, Y0, Y0
+	VMOVDQU     X0, (DI)
+
+xtsEncVAES256_done:
+	// Leave no key or tweak material in vector registers.
+	VPXOR Y0, Y0, Y0
+	VPXOR Y1, Y1, Y1
+	VPXOR Y2, Y2, Y2
+	VPXOR Y3, Y3, Y3
+	VPXOR Y4, Y4, Y4
+	VPXOR Y5, Y5, Y5
+	VPXOR Y6, Y6, Y6
+	VPXOR Y7, Y7, Y7
+	VPXOR Y8, Y8, Y8
+	VPXOR Y9, Y9, Y9
+	VPXOR Y10, Y10, Y10
+	VPXOR Y11, Y11, Y11
+	VPXOR Y12, Y12, Y12
+	VPXOR Y13, Y13, Y13
+	VPXOR Y14, Y14, Y14
+	VPXOR Y15, Y15, Y15
+	VZEROUPPER
+	RET
+
+// func xtsDecVAES256(k1 *[480]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
+// Requires: AES, AVX, AVX2, MMX+, SSE2
+TEXT ·xtsDecVAES256(SB), NOSPLIT, $0-72
+	MOVQ k1+0(FP), AX
+	MOVQ k2+8(FP), BX
+	MOVQ dst_base+16(FP), DI
+	MOVQ src_base+40(FP), SI
+	MOVQ src_len+48(FP), CX
+	MOVQ unit+64(FP), DX
+
+	// T = AES-256-Encrypt(K2, little-endian unit number)
+	MOVQ        DX, X8
+	VPXOR       (BX), X8, X8
+	VAESENC     16(BX), X8, X8
+	VAESENC     32(BX), X8, X8
+	VAESENC     48(BX), X8, X8
+	VAESENC     64(BX), X8, X8
+	VAESENC     80(BX), X8, X8
+	VAESENC     96(BX), X8, X8
+	VAESENC     112(BX), X8, X8
+	VAESENC     128(BX), X8, X8
+	VAESENC     144(BX), X8, X8
+	VAESENC     160(BX), X8, X8
+	VAESENC     176(BX), X8, X8
+	VAESENC     192(BX), X8, X8
+	VAESENC     208(BX), X8, X8
+	VAESENCLAST 224(BX), X8, X8
+
+	// Y8 = T*x^0 | T*x^1 (lane 0 is the lowest).
+	VPSRAD      $0x1f, X8, X0
+	VPSHUFD     $0x13, X0, X0
+	VPAND       xtsGFMask<>+0(SB), X0, X0
+	VPADDQ      X8, X8, X9
+	VPXOR       X0, X9, X9
+	VINSERTI128 $0x01, X9, Y8, Y8
+
+	// Y9-Y15: the tweaks of blocks 2-3, 4-5, ..., 14-15.
+	VPSRLQ     $0x3e, Y8, Y3
+	VPSLLQ     $0x02, Y8, Y9
+	VPSLLDQ    $0x08, Y3, Y2
+	VPSRLDQ    $0x08, Y3, Y3
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y3, Y3
+	VPXOR      Y2, Y9, Y9
+	VPXOR      Y3, Y9, Y9
+	VPSRLQ     $0x3c, Y8, Y5
+	VPSLLQ     $0x04, Y8, Y10
+	VPSLLDQ    $0x08, Y5, Y4
+	VPSRLDQ    $0x08, Y5, Y5
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y5, Y5
+	VPXOR      Y4, Y10, Y10
+	VPXOR      Y5, Y10, Y10
+	VPSRLQ     $0x3a, Y8, Y7
+	VPSLLQ     $0x06, Y8, Y11
+	VPSLLDQ    $0x08, Y7, Y6
+	VPSRLDQ    $0x08, Y7, Y7
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y7, Y7
+	VPXOR      Y6, Y11, Y11
+	VPXOR      Y7, Y11, Y11
+	VPSRLQ     $0x38, Y8, Y1
+	VPSLLQ     $0x08, Y8, Y12
+	VPSLLDQ    $0x08, Y1, Y0
+	VPSRLDQ    $0x08, Y1, Y1
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y1, Y1
+	VPXOR      Y0, Y12, Y12
+	VPXOR      Y1, Y12, Y12
+	VPSRLQ     $0x36, Y8, Y3
+	VPSLLQ     $0x0a, Y8, Y13
+	VPSLLDQ    $0x08, Y3, Y2
+	VPSRLDQ    $0x08, Y3, Y3
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y3, Y3
+	VPXOR      Y2, Y13, Y13
+	VPXOR      Y3, Y13, Y13
+	VPSRLQ     $0x34, Y8, Y5
+	VPSLLQ     $0x0c, Y8, Y14
+	VPSLLDQ    $0x08, Y5, Y4
+	VPSRLDQ    $0x08, Y5, Y5
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y5, Y5
+	VPXOR      Y4, Y14, Y14
+	VPXOR      Y5, Y14, Y14
+	VPSRLQ     $0x32, Y8, Y7
+	VPSLLQ     $0x0e, Y8, Y15
+	VPSLLDQ    $0x08, Y7, Y6
+	VPSRLDQ    $0x08, Y7, Y7
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y7, Y7
+	VPXOR      Y6, Y15, Y15
+	VPXOR      Y7, Y15, Y15
+
+xtsDecVAES256_loop16:
+	CMPQ        CX, $0x00000100
+	JB          xtsDecVAES256_tail2
+	VPXOR       (SI), Y8, Y0
+	VPXOR       (AX), Y0, Y0
+	VPXOR       32(SI), Y9, Y1
+	VPXOR       (AX), Y1, Y1
+	VPXOR       64(SI), Y10, Y2
+	VPXOR       (AX), Y2, Y2
+	VPXOR       96(SI), Y11, Y3
+	VPXOR       (AX), Y3, Y3
+	VPXOR       128(SI), Y12, Y4
+	VPXOR       (AX), Y4, Y4
+	VPXOR       160(SI), Y13, Y5
+	VPXOR       (AX), Y5, Y5
+	VPXOR       192(SI), Y14, Y6
+	VPXOR       (AX), Y6, Y6
+	VPXOR       224(SI), Y15, Y7
+	VPXOR       (AX), Y7, Y7
+	PREFETCHT0  4096(SI)
+	PREFETCHT0  4160(SI)
+	PREFETCHT0  4224(SI)
+	PREFETCHT0  4288(SI)
+	VAESDEC     32(AX), Y0, Y0
+	VAESDEC     32(AX), Y1, Y1
+	VAESDEC     32(AX), Y2, Y2
+	VAESDEC     32(AX), Y3, Y3
+	VAESDEC     32(AX), Y4, Y4
+	VAESDEC     32(AX), Y5, Y5
+	VAESDEC     32(AX), Y6, Y6
+	VAESDEC     32(AX), Y7, Y7
+	VAESDEC     64(AX), Y0, Y0
+	VAESDEC     64(AX), Y1, Y1
+	VAESDEC     64(AX), Y2, Y2
+	VAESDEC     64(AX), Y3, Y3
+	VAESDEC     64(AX), Y4, Y4
+	VAESDEC     64(AX), Y5, Y5
+	VAESDEC     64(AX), Y6, Y6
+	VAESDEC     64(AX), Y7, Y7
+	VAESDEC     96(AX), Y0, Y0
+	VAESDEC     96(AX), Y1, Y1
+	VAESDEC     96(AX), Y2, Y2
+	VAESDEC     96(AX), Y3, Y3
+	VAESDEC     96(AX), Y4, Y4
+	VAESDEC     96(AX), Y5, Y5
+	VAESDEC     96(AX), Y6, Y6
+	VAESDEC     96(AX), Y7, Y7
+	VAESDEC     128(AX), Y0, Y0
+	VAESDEC     128(AX), Y1, Y1
+	VAESDEC     128(AX), Y2, Y2
+	VAESDEC     128(AX), Y3, Y3
+	VAESDEC     128(AX), Y4, Y4
+	VAESDEC     128(AX), Y5, Y5
+	VAESDEC     128(AX), Y6, Y6
+	VAESDEC     128(AX), Y7, Y7
+	VAESDEC     160(AX), Y0, Y0
+	VAESDEC     160(AX), Y1, Y1
+	VAESDEC     160(AX), Y2, Y2
+	VAESDEC     160(AX), Y3, Y3
+	VAESDEC     160(AX), Y4, Y4
+	VAESDEC     160(AX), Y5, Y5
+	VAESDEC     160(AX), Y6, Y6
+	VAESDEC     160(AX), Y7, Y7
+	VAESDEC     192(AX), Y0, Y0
+	VAESDEC     192(AX), Y1, Y1
+	VAESDEC     192(AX), Y2, Y2
+	VAESDEC     192(AX), Y3, Y3
+	VAESDEC     192(AX), Y4, Y4
+	VAESDEC     192(AX), Y5, Y5
+	VAESDEC     192(AX), Y6, Y6
+	VAESDEC     192(AX), Y7, Y7
+	VAESDEC     224(AX), Y0, Y0
+	VAESDEC     224(AX), Y1, Y1
+	VAESDEC     224(AX), Y2, Y2
+	VAESDEC     224(AX), Y3, Y3
+	VAESDEC     224(AX), Y4, Y4
+	VAESDEC     224(AX), Y5, Y5
+	VAESDEC     224(AX), Y6, Y6
+	VAESDEC     224(AX), Y7, Y7
+	VAESDEC     256(AX), Y0, Y0
+	VAESDEC     256(AX), Y1, Y1
+	VAESDEC     256(AX), Y2, Y2
+	VAESDEC     256(AX), Y3, Y3
+	VAESDEC     256(AX), Y4, Y4
+	VAESDEC     256(AX), Y5, Y5
+	VAESDEC     256(AX), Y6, Y6
+	VAESDEC     256(AX), Y7, Y7
+	VAESDEC     288(AX), Y0, Y0
+	VAESDEC     288(AX), Y1, Y1
+	VAESDEC     288(AX), Y2, Y2
+	VAESDEC     288(AX), Y3, Y3
+	VAESDEC     288(AX), Y4, Y4
+	VAESDEC     288(AX), Y5, Y5
+	VAESDEC     288(AX), Y6, Y6
+	VAESDEC     288(AX), Y7, Y7
+	VAESDEC     320(AX), Y0, Y0
+	VAESDEC     320(AX), Y1, Y1
+	VAESDEC     320(AX), Y2, Y2
+	VAESDEC     320(AX), Y3, Y3
+	VAESDEC     320(AX), Y4, Y4
+	VAESDEC     320(AX), Y5, Y5
+	VAESDEC     320(AX), Y6, Y6
+	VAESDEC     320(AX), Y7, Y7
+	VAESDEC     352(AX), Y0, Y0
+	VAESDEC     352(AX), Y1, Y1
+	VAESDEC     352(AX), Y2, Y2
+	VAESDEC     352(AX), Y3, Y3
+	VAESDEC     352(AX), Y4, Y4
+	VAESDEC     352(AX), Y5, Y5
+	VAESDEC     352(AX), Y6, Y6
+	VAESDEC     352(AX), Y7, Y7
+	VAESDEC     384(AX), Y0, Y0
+	VAESDEC     384(AX), Y1, Y1
+	VAESDEC     384(AX), Y2, Y2
+	VAESDEC     384(AX), Y3, Y3
+	VAESDEC     384(AX), Y4, Y4
+	VAESDEC     384(AX), Y5, Y5
+	VAESDEC     384(AX), Y6, Y6
+	VAESDEC     384(AX), Y7, Y7
+	VAESDEC     416(AX), Y0, Y0
+	VAESDEC     416(AX), Y1, Y1
+	VAESDEC     416(AX), Y2, Y2
+	VAESDEC     416(AX), Y3, Y3
+	VAESDEC     416(AX), Y4, Y4
+	VAESDEC     416(AX), Y5, Y5
+	VAESDEC     416(AX), Y6, Y6
+	VAESDEC     416(AX), Y7, Y7
+	VAESDECLAST 448(AX), Y0, Y0
+	VPXOR       Y8, Y0, Y0
+	VAESDECLAST 448(AX), Y1, Y1
+	VPXOR       Y9, Y1, Y1
+	VAESDECLAST 448(AX), Y2, Y2
+	VPXOR       Y10, Y2, Y2
+	VAESDECLAST 448(AX), Y3, Y3
+	VPXOR       Y11, Y3, Y3
+	VAESDECLAST 448(AX), Y4, Y4
+	VPXOR       Y12, Y4, Y4
+	VAESDECLAST 448(AX), Y5, Y5
+	VPXOR       Y13, Y5, Y5
+	VAESDECLAST 448(AX), Y6, Y6
+	VPXOR       Y14, Y6, Y6
+	VAESDECLAST 448(AX), Y7, Y7
+	VPXOR       Y15, Y7, Y7
+	VMOVDQU     Y0, (DI)
+	VMOVDQU     Y1, 32(DI)
+	VMOVDQU     Y2, 64(DI)
+	VMOVDQU     Y3, 96(DI)
+	VMOVDQU     Y4, 128(DI)
+	VMOVDQU     Y5, 160(DI)
+	VMOVDQU     Y6, 192(DI)
+	VMOVDQU     Y7, 224(DI)
+
+	// The next 16 tweaks: each register times x^16, independently.
+	VPSRLDQ    $0x0e, Y8, Y0
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y0, Y0
+	VPSLLDQ    $0x02, Y8, Y8
+	VPXOR      Y0, Y8, Y8
+	VPSRLDQ    $0x0e, Y9, Y1
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y1, Y1
+	VPSLLDQ    $0x02, Y9, Y9
+	VPXOR      Y1, Y9, Y9
+	VPSRLDQ    $0x0e, Y10, Y2
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y2, Y2
+	VPSLLDQ    $0x02, Y10, Y10
+	VPXOR      Y2, Y10, Y10
+	VPSRLDQ    $0x0e, Y11, Y3
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y3, Y3
+	VPSLLDQ    $0x02, Y11, Y11
+	VPXOR      Y3, Y11, Y11
+	VPSRLDQ    $0x0e, Y12, Y4
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y4, Y4
+	VPSLLDQ    $0x02, Y12, Y12
+	VPXOR      Y4, Y12, Y12
+	VPSRLDQ    $0x0e, Y13, Y5
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y5, Y5
+	VPSLLDQ    $0x02, Y13, Y13
+	VPXOR      Y5, Y13, Y13
+	VPSRLDQ    $0x0e, Y14, Y6
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y6, Y6
+	VPSLLDQ    $0x02, Y14, Y14
+	VPXOR      Y6, Y14, Y14
+	VPSRLDQ    $0x0e, Y15, Y7
+	VPCLMULQDQ $0x00, xtsGFMask256<>+0(SB), Y7, Y7
+	VPSLLDQ    $0x02, Y15, Y15
+	VPXOR      Y7, Y15, Y15
+	ADDQ       $0x00000100, SI
+	ADDQ       $0x00000100, DI
+	SUBQ       $0x00000100, CX
+	JMP        xtsDecVAES256_loop16
+
+	// Fewer than 16 blocks left: two at a time, the tweaks moving down Y9-Y15 into Y8.
+xtsDecVAES256_tail2:
+	CMPQ        CX, $0x00000020
+	JB          xtsDecVAES256_tail1
+	VPXOR       (SI), Y8, Y0
+	VPXOR       (AX), Y0, Y0
+	VAESDEC     32(AX), Y0, Y0
+	VAESDEC     64(AX), Y0, Y0
+	VAESDEC     96(AX), Y0, Y0
+	VAESDEC     128(AX), Y0, Y0
+	VAESDEC     160(AX), Y0, Y0
+	VAESDEC     192(AX), Y0, Y0
+	VAESDEC     224(AX), Y0, Y0
+	VAESDEC     256(AX), Y0, Y0
+	VAESDEC     288(AX), Y0, Y0
+	VAESDEC     320(AX), Y0, Y0
+	VAESDEC     352(AX), Y0, Y0
+	VAESDEC     384(AX), Y0, Y0
+	VAESDEC     416(AX), Y0, Y0
+	VAESDECLAST 448(AX), Y0, Y0
+	VPXOR       Y8, Y0, Y0
+	VMOVDQU     Y0, (DI)
+	VMOVDQA     Y9, Y8
+	VMOVDQA     Y10, Y9
+	VMOVDQA     Y11, Y10
+	VMOVDQA     Y12, Y11
+	VMOVDQA     Y13, Y12
+	VMOVDQA     Y14, Y13
+	VMOVDQA     Y15, Y14
+	ADDQ        $0x00000020, SI
+	ADDQ        $0x00000020, DI
+	SUBQ        $0x00000020, CX
+	JMP         xtsDecVAES256_tail2
+
+	// One block may be left: lane 0, with the tweak in lane 0 of Y8.
+xtsDecVAES256_tail1:
+	TESTQ       CX, CX
+	JZ          xtsDecVAES256_done
+	VMOVDQU     (SI), X0
+	VPXOR       Y8, Y0, Y0
+	VPXOR       (AX), Y0, Y0
+	VAESDEC     32(AX), Y0, Y0
+	VAESDEC     64(AX), Y0, Y0
+	VAESDEC     96(AX), Y0, Y0
+	VAESDEC     128(AX), Y0, Y0
+	VAESDEC     160(AX), Y0, Y0
+	VAESDEC     192(AX), Y0, Y0
+	VAESDEC     224(AX), Y0, Y0
+	VAESDEC     256(AX), Y0, Y0
+	VAESDEC     288(AX), Y0, Y0
+	VAESDEC     320(AX), Y0, Y0
+	VAESDEC     352(AX), Y0, Y0
+	VAESDEC     384(AX), Y0, Y0
+	VAESDEC     416(AX), Y0, Y0
+	VAESDECLAST 448(AX), Y0, Y0
+	VPXOR       Y8, Y0, Y0
+	VMOVDQU     X0, (DI)
+
+xtsDecVAES256_done:
+	// Leave no key or tweak material in vector registers.
+	VPXOR Y0, Y0, Y0
+	VPXOR Y1, Y1, Y1
+	VPXOR Y2, Y2, Y2
+	VPXOR Y3, Y3, Y3
+	VPXOR Y4, Y4, Y4
+	VPXOR Y5, Y5, Y5
+	VPXOR Y6, Y6, Y6
+	VPXOR Y7, Y7, Y7
+	VPXOR Y8, Y8, Y8
+	VPXOR Y9, Y9, Y9
+	VPXOR Y10, Y10, Y10
+	VPXOR Y11, Y11, Y11
+	VPXOR Y12, Y12, Y12
+	VPXOR Y13, Y13, Y13
+	VPXOR Y14, Y14, Y14
+	VPXOR Y15, Y15, Y15
+	VZEROUPPER
+	RET
+
 // func xtsEncAESNI(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
 // Requires: AES, AVX, MMX+, PCLMULQDQ, SSE2
 TEXT ·xtsEncAESNI(SB), NOSPLIT, $0-72
@@ -1432,4 +2150,16 @@ xtsDecAESNI_done:
 	VPXOR X14, X14, X14
 	VPXOR X15, X15, X15
 	VZEROUPPER
+	RET
+
+// func cpuidex(leaf uint32, sub uint32) (a uint32, b uint32, c uint32, d uint32)
+// Requires: CPUID
+TEXT ·cpuidex(SB), NOSPLIT, $0-24
+	MOVL leaf+0(FP), AX
+	MOVL sub+4(FP), CX
+	CPUID
+	MOVL AX, a+8(FP)
+	MOVL BX, b+12(FP)
+	MOVL CX, c+16(FP)
+	MOVL DX, d+20(FP)
 	RET

@@ -14,6 +14,16 @@ func xtsEncVAES512(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit ui
 //go:noescape
 func xtsDecVAES512(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
 
+// xtsEncVAES256 encrypts len(src) bytes, a non-zero multiple of 16, as one XTS data unit with VAES on 256-bit registers (AVX2). k1 is the encryption schedule of K1 with each round key doubled to 32 bytes, k2 the encryption schedule of K2.
+//
+//go:noescape
+func xtsEncVAES256(k1 *[480]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
+
+// xtsDecVAES256 decrypts len(src) bytes, a non-zero multiple of 16, as one XTS data unit with VAES on 256-bit registers (AVX2). k1 is the decryption schedule of K1 with each round key doubled to 32 bytes, k2 the encryption schedule of K2.
+//
+//go:noescape
+func xtsDecVAES256(k1 *[480]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
+
 // xtsEncAESNI encrypts len(src) bytes, a non-zero multiple of 16, as one XTS data unit with AES-NI (VEX encoded) on 128-bit registers. k1 is the encryption schedule of K1, k2 the encryption schedule of K2.
 //
 //go:noescape
@@ -23,3 +33,6 @@ func xtsEncAESNI(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit uint
 //
 //go:noescape
 func xtsDecAESNI(k1 *[240]byte, k2 *[240]byte, dst []byte, src []byte, unit uint64)
+
+// cpuidex returns the four registers of CPUID for leaf and subleaf sub.
+func cpuidex(leaf uint32, sub uint32) (a uint32, b uint32, c uint32, d uint32)

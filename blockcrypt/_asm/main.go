@@ -12,6 +12,13 @@
 //     blocks, 512 bytes) in flight so that the AES unit always has
 //     independent work while earlier rounds are in its pipeline. All fifteen
 //     round keys stay in registers Z16-Z30 for the whole call.
+//   - xts{Enc,Dec}VAES256: VAES and VPCLMULQDQ on 256-bit registers with AVX2
+//     (VEX encodings), for CPUs that have VAES but not AVX-512 (AMD Zen 3 and
+//     Zen 4 without it enabled, Intel client cores). Each ymm register holds
+//     two AES blocks; eight registers (16 blocks, 256 bytes) are in flight.
+//     AVX2 has only 16 vector registers, all of which hold data and tweaks,
+//     so the round keys are memory operands: a schedule with each 16-byte
+//     round key written twice, so that one 32-byte load covers both lanes.
 //   - xts{Enc,Dec}AESNI: AES-NI and PCLMULQDQ with AVX (VEX) encodings on
 //     128-bit registers, eight blocks in flight, round keys read from memory
 //     (VEX memory operands need no alignment). For CPUs without
@@ -25,8 +32,11 @@
 // own.
 //
 // avo v0.5.0 knows VAES and VPCLMULQDQ only in their 128-bit forms, so the
-// 512-bit forms are emitted as raw instructions (see raw); the Go assembler
-// encodes them.
+// 256- and 512-bit forms are emitted as raw instructions (see raw); the Go
+// assembler encodes them.
+//
+// cpuidex is generated here too: x/sys/cpu reports VAES and VPCLMULQDQ only
+// on CPUs with AVX-512, and the 256-bit engine needs the bits without it.
 package main
 
 import (
@@ -49,9 +59,9 @@ var (
 	// the carry-less multiplies; the whole of it is the mask of the
 	// shift-and-add doubling in the AES-NI kernel (see mulX).
 	gfMask Mem
-	// gfMask512 is gfMask in each of four lanes, a memory operand for the
-	// 512-bit carry-less multiplies.
-	gfMask512 Mem
+	// gfMask512 and gfMask256 are gfMask in each of four and two lanes,
+	// memory operands for the 512- and 256-bit carry-less multiplies.
+	gfMask512, gfMask256 Mem
 	// laneShiftL and laneShiftR are the per-qword shift counts that multiply
 	// lane i of a zmm register (i = 0..3) by x^i: left by i, and right by
 	// 64-i for the bits that cross into the next qword.
@@ -77,6 +87,12 @@ func main() {
 		DATA(16*lane+8, U64(1))
 	}
 
+	gfMask256 = GLOBL("xtsGFMask256", RODATA|NOPTR)
+	for lane := 0; lane < 2; lane++ {
+		DATA(16*lane, U64(0x87))
+		DATA(16*lane+8, U64(1))
+	}
+
 	laneShiftL = GLOBL("xtsLaneShiftL", RODATA|NOPTR)
 	for q := 0; q < 8; q++ {
 		DATA(8*q, U64(uint64(q/2))) // lane q/2: left by lane
@@ -87,8 +103,11 @@ func main() {
 	}
 	xtsVAES512(false)
 	xtsVAES512(true)
+	xtsVAES256(false)
+	xtsVAES256(true)
 	xtsAESNI(false)
 	xtsAESNI(true)
+	cpuidex()
 	Generate()
 }
 
@@ -101,14 +120,18 @@ func raw(opcode string, ops ...Op) {
 var zmm = []VecPhysical{Z0, Z1, Z2, Z3, Z4, Z5, Z6, Z7, Z8, Z9, Z10, Z11, Z12, Z13, Z14, Z15,
 	Z16, Z17, Z18, Z19, Z20, Z21, Z22, Z23, Z24, Z25, Z26, Z27, Z28, Z29, Z30, Z31}
 
+var ymm = []VecPhysical{Y0, Y1, Y2, Y3, Y4, Y5, Y6, Y7, Y8, Y9, Y10, Y11, Y12, Y13, Y14, Y15}
+
 var xmm = []VecPhysical{X0, X1, X2, X3, X4, X5, X6, X7, X8, X9, X10, X11, X12, X13, X14, X15}
 
 // header declares one kernel and loads its arguments:
 // AX = round keys of K1 (encryption or decryption schedule), BX = encryption
 // round keys of the tweak key K2, DI = dst, SI = src, CX = len(src),
 // DX = data unit number.
-func header(name, doc string) {
-	TEXT(name, NOSPLIT, "func(k1, k2 *[240]byte, dst, src []byte, unit uint64)")
+// k1Size is the length of the K1 schedule: 240 bytes, or 480 for the
+// doubled schedule of the 256-bit kernel.
+func header(name, doc string, k1Size int) {
+	TEXT(name, NOSPLIT, fmt.Sprintf("func(k1 *[%d]byte, k2 *[240]byte, dst, src []byte, unit uint64)", k1Size))
 	Pragma("noescape")
 	Doc(doc)
 	Load(Param("k1"), RAX)
@@ -168,14 +191,24 @@ func mulXk512(dst, src, t1, t2 VecPhysical, k int) {
 	VPTERNLOGD(U8(0x96), t1, t2, dst) // dst ^= t1 ^ t2
 }
 
-// mulX32z multiplies each lane of t by x^32 in place: a four-byte shift and
-// the reduction of the four bytes that fall off (at most 39 bits, so one
-// carry-less multiply suffices). Clobbers tmp.
-func mulX32z(t, tmp VecPhysical) {
-	VPSRLDQ(U8(12), t, tmp)
-	raw("VPCLMULQDQ", U8(0x00), gfMask512, tmp, tmp)
-	VPSLLDQ(U8(4), t, t)
-	VPXORD(tmp, t, t)
+// mulXBytes returns a function that multiplies each 128-bit lane of t by
+// x^(8n) in place, 0 < n < 8: a shift left by n bytes, and the reduction of
+// the n bytes that fall off with a carry-less multiply by mask's 0x87 (the
+// product has at most 8n+7 bits, within the low qword). Unlike a chain of
+// multiplications by x, the tweak registers of an iteration advance in
+// parallel. xor is the XOR for the register width (VPXORD for zmm).
+// Clobbers tmp.
+func mulXBytes(n int, mask Mem, xor string) func(t, tmp VecPhysical) {
+	return func(t, tmp VecPhysical) {
+		VPSRLDQ(U8(16-n), t, tmp)
+		if t.Size() == 16 {
+			VPCLMULQDQ(U8(0x00), mask, tmp, tmp) // avo knows this form
+		} else {
+			raw("VPCLMULQDQ", U8(0x00), mask, tmp, tmp)
+		}
+		VPSLLDQ(U8(n), t, t)
+		raw(xor, tmp, t, t)
+	}
 }
 
 // xtsVAES512 emits the VAES kernel. Register use:
@@ -195,7 +228,7 @@ func xtsVAES512(decrypt bool) {
 	}
 	mid, last := roundName(decrypt)
 	header(name, fmt.Sprintf("%s %s len(src) bytes, a non-zero multiple of 16, as one XTS data unit with VAES on 512-bit registers. k1 is the %s schedule of K1, k2 the encryption schedule of K2.",
-		name, what, map[bool]string{false: "encryption", true: "decryption"}[decrypt]))
+		name, what, map[bool]string{false: "encryption", true: "decryption"}[decrypt]), 240)
 
 	Comment("Round keys of K1 in Z16-Z30, each broadcast to the four lanes.")
 	for r := 0; r <= rounds; r++ {
@@ -247,6 +280,7 @@ func xtsVAES512(decrypt bool) {
 		VMOVDQU64(data[i], Mem{Base: RDI, Disp: 64 * i})
 	}
 	Comment("The next 32 tweaks.")
+	mulX32z := mulXBytes(4, gfMask512, "VPXORD")
 	for i := 0; i < 8; i++ {
 		mulX32z(tweak[i], Z31)
 	}
@@ -307,35 +341,12 @@ func mulX(dst, src, tmp VecPhysical) {
 	VPXOR(tmp, dst, dst)
 }
 
-// mulX8 multiplies t by x^8 in place: a one-byte shift and the reduction of
-// the byte that falls off with a carry-less multiply by 0x87. Unlike a chain
-// of mulX, the eight tweaks of an iteration advance in parallel.
-// Clobbers tmp.
-func mulX8(t, tmp VecPhysical) {
-	VPSRLDQ(U8(15), t, tmp)
-	VPCLMULQDQ(U8(0x00), gfMask, tmp, tmp)
-	VPSLLDQ(U8(1), t, t)
-	VPXOR(tmp, t, t)
-}
-
-func xtsAESNI(decrypt bool) {
-	name, what := "xtsEncAESNI", "encrypts"
-	if decrypt {
-		name, what = "xtsDecAESNI", "decrypts"
-	}
+// memKeyCrypt returns the rounds of the kernels whose round keys are memory
+// operands (key(r) is round key r): crypt(n) runs them over the first n data
+// registers and XORs the tweaks back in.
+func memKeyCrypt(decrypt bool, data, tweak []VecPhysical, key func(int) Mem) func(n int) {
 	mid, last := roundName(decrypt)
-	header(name, fmt.Sprintf("%s %s len(src) bytes, a non-zero multiple of 16, as one XTS data unit with AES-NI (VEX encoded) on 128-bit registers. k1 is the %s schedule of K1, k2 the encryption schedule of K2.",
-		name, what, map[bool]string{false: "encryption", true: "decryption"}[decrypt]))
-
-	data := xmm[0:8]
-	tweak := xmm[8:16]
-	initialTweak(X8)
-	Comment("X9-X15: the tweaks of blocks 1-7.")
-	for i := 1; i < 8; i++ {
-		mulX(tweak[i], tweak[i-1], X0)
-	}
-	key := func(r int) Mem { return Mem{Base: RAX, Disp: 16 * r} }
-	crypt := func(n int) {
+	return func(n int) {
 		for r := 1; r < rounds; r++ {
 			for i := 0; i < n; i++ {
 				raw(mid, key(r), data[i], data[i])
@@ -346,27 +357,56 @@ func xtsAESNI(decrypt bool) {
 			VPXOR(tweak[i], data[i], data[i])
 		}
 	}
+}
 
-	Label(name + "_loop8")
-	CMPQ(RCX, U32(128))
-	JB(LabelRef(name + "_tail1"))
+// memKeyLoop emits the main loop of those kernels: eight data registers of
+// width bytes each per iteration, which leaves for tail once fewer than that
+// remain. next advances a tweak register past the iteration, with the data
+// register it pairs with as scratch.
+func memKeyLoop(loop, tail string, width int, data, tweak []VecPhysical, key func(int) Mem,
+	crypt func(int), nextComment string, next func(t, tmp VecPhysical)) {
+	step := 8 * width
+	Label(loop)
+	CMPQ(RCX, U32(step))
+	JB(LabelRef(tail))
 	for i := 0; i < 8; i++ {
-		VPXOR(Mem{Base: RSI, Disp: 16 * i}, tweak[i], data[i])
+		VPXOR(Mem{Base: RSI, Disp: width * i}, tweak[i], data[i])
 		VPXOR(key(0), data[i], data[i])
 	}
-	prefetchNextUnit(128)
+	prefetchNextUnit(step)
 	crypt(8)
 	for i := 0; i < 8; i++ {
-		VMOVDQU(data[i], Mem{Base: RDI, Disp: 16 * i})
+		VMOVDQU(data[i], Mem{Base: RDI, Disp: width * i})
 	}
-	Comment("Next 8 tweaks: each times x^8, independently of the others.")
+	Comment(nextComment)
 	for i := 0; i < 8; i++ {
-		mulX8(tweak[i], data[i])
+		next(tweak[i], data[i])
 	}
-	ADDQ(U32(128), RSI)
-	ADDQ(U32(128), RDI)
-	SUBQ(U32(128), RCX)
-	JMP(LabelRef(name + "_loop8"))
+	ADDQ(U32(step), RSI)
+	ADDQ(U32(step), RDI)
+	SUBQ(U32(step), RCX)
+	JMP(LabelRef(loop))
+}
+
+func xtsAESNI(decrypt bool) {
+	name, what := "xtsEncAESNI", "encrypts"
+	if decrypt {
+		name, what = "xtsDecAESNI", "decrypts"
+	}
+	header(name, fmt.Sprintf("%s %s len(src) bytes, a non-zero multiple of 16, as one XTS data unit with AES-NI (VEX encoded) on 128-bit registers. k1 is the %s schedule of K1, k2 the encryption schedule of K2.",
+		name, what, map[bool]string{false: "encryption", true: "decryption"}[decrypt]), 240)
+
+	data := xmm[0:8]
+	tweak := xmm[8:16]
+	initialTweak(X8)
+	Comment("X9-X15: the tweaks of blocks 1-7.")
+	for i := 1; i < 8; i++ {
+		mulX(tweak[i], tweak[i-1], X0)
+	}
+	key := func(r int) Mem { return Mem{Base: RAX, Disp: 16 * r} }
+	crypt := memKeyCrypt(decrypt, data, tweak, key)
+	memKeyLoop(name+"_loop8", name+"_tail1", 16, data, tweak, key, crypt,
+		"Next 8 tweaks: each times x^8, independently of the others.", mulXBytes(1, gfMask, "VPXOR"))
 
 	Comment("Fewer than 8 blocks left: one at a time with the tweak in X8.")
 	Label(name + "_tail1")
@@ -388,5 +428,101 @@ func xtsAESNI(decrypt bool) {
 		VPXOR(xmm[i], xmm[i], xmm[i])
 	}
 	VZEROUPPER()
+	RET()
+}
+
+// mulXk256 sets dst to src times x^k in each 128-bit lane, 0 < k < 64, as
+// mulXk512 does, without VPTERNLOGD. Clobbers t1 and t2.
+func mulXk256(dst, src, t1, t2 VecPhysical, k int) {
+	VPSRLQ(U8(64-k), src, t2)
+	VPSLLQ(U8(k), src, dst)
+	VPSLLDQ(U8(8), t2, t1)
+	VPSRLDQ(U8(8), t2, t2)
+	raw("VPCLMULQDQ", U8(0x00), gfMask256, t2, t2)
+	VPXOR(t1, dst, dst)
+	VPXOR(t2, dst, dst)
+}
+
+// xtsVAES256 emits the 256-bit VAES kernel. Register use:
+//
+//	Y0-Y7    data: 8 registers of 2 blocks, 16 blocks (256 bytes) per iteration
+//	Y8-Y15   the tweaks of those 16 blocks, lane by lane
+//
+// K1's schedule is read from memory, doubled (480 bytes): round key r at
+// 32*r, in both lanes. A VAESENC on ymm can start twice a cycle on the CPUs
+// this engine is for, with a latency of about four, so eight independent
+// registers keep both AES units busy; the extra load per instruction goes to
+// the load ports, which have room, and hits the L1 cache.
+func xtsVAES256(decrypt bool) {
+	name, what := "xtsEncVAES256", "encrypts"
+	if decrypt {
+		name, what = "xtsDecVAES256", "decrypts"
+	}
+	header(name, fmt.Sprintf("%s %s len(src) bytes, a non-zero multiple of 16, as one XTS data unit with VAES on 256-bit registers (AVX2). k1 is the %s schedule of K1 with each round key doubled to 32 bytes, k2 the encryption schedule of K2.",
+		name, what, map[bool]string{false: "encryption", true: "decryption"}[decrypt]), 480)
+
+	data := ymm[0:8]
+	tweak := ymm[8:16]
+	key := func(r int) Mem { return Mem{Base: RAX, Disp: 32 * r} }
+
+	initialTweak(X8)
+	Comment("Y8 = T*x^0 | T*x^1 (lane 0 is the lowest).")
+	mulX(X9, X8, X0)
+	VINSERTI128(U8(1), X9, Y8, Y8)
+	Comment("Y9-Y15: the tweaks of blocks 2-3, 4-5, ..., 14-15.")
+	for i := 1; i < 8; i++ {
+		mulXk256(tweak[i], Y8, data[2*(i%4)], data[2*(i%4)+1], 2*i)
+	}
+
+	crypt := memKeyCrypt(decrypt, data, tweak, key)
+	memKeyLoop(name+"_loop16", name+"_tail2", 32, data, tweak, key, crypt,
+		"The next 16 tweaks: each register times x^16, independently.", mulXBytes(2, gfMask256, "VPXOR"))
+
+	Comment("Fewer than 16 blocks left: two at a time, the tweaks moving down Y9-Y15 into Y8.")
+	Label(name + "_tail2")
+	CMPQ(RCX, U32(32))
+	JB(LabelRef(name + "_tail1"))
+	VPXOR(Mem{Base: RSI}, Y8, Y0)
+	VPXOR(key(0), Y0, Y0)
+	crypt(1)
+	VMOVDQU(Y0, Mem{Base: RDI})
+	for i := 0; i < 7; i++ {
+		VMOVDQA(tweak[i+1], tweak[i])
+	}
+	ADDQ(U32(32), RSI)
+	ADDQ(U32(32), RDI)
+	SUBQ(U32(32), RCX)
+	JMP(LabelRef(name + "_tail2"))
+
+	Comment("One block may be left: lane 0, with the tweak in lane 0 of Y8.")
+	Label(name + "_tail1")
+	TESTQ(RCX, RCX)
+	JZ(LabelRef(name + "_done"))
+	VMOVDQU(Mem{Base: RSI}, X0) // VEX load: clears the upper lane
+	VPXOR(Y8, Y0, Y0)
+	VPXOR(key(0), Y0, Y0)
+	crypt(1)
+	VMOVDQU(X0, Mem{Base: RDI})
+
+	Label(name + "_done")
+	Comment("Leave no key or tweak material in vector registers.")
+	for i := 0; i < 16; i++ {
+		VPXOR(ymm[i], ymm[i], ymm[i])
+	}
+	VZEROUPPER()
+	RET()
+}
+
+// cpuidex emits a CPUID wrapper: leaf in EAX, subleaf in ECX.
+func cpuidex() {
+	TEXT("cpuidex", NOSPLIT, "func(leaf, sub uint32) (a, b, c, d uint32)")
+	Doc("cpuidex returns the four registers of CPUID for leaf and subleaf sub.")
+	Load(Param("leaf"), EAX)
+	Load(Param("sub"), ECX)
+	CPUID()
+	Store(EAX, Return("a"))
+	Store(EBX, Return("b"))
+	Store(ECX, Return("c"))
+	Store(EDX, Return("d"))
 	RET()
 }
