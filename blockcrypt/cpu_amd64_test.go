@@ -29,9 +29,9 @@ func TestEngineFeatureChecks(t *testing.T) {
 	default:
 		t.Skip("no AES-NI on this CPU: New picks generic, with nothing to switch off")
 	}
-	// The 128-bit carry-less multiply (CPUID flag PCLMULQDQ) is used by
-	// aesni and vaes256; vaes512 multiplies only on zmm registers, whose
-	// flag is AVX512VPCLMULQDQ.
+	// aesni multiplies on xmm registers (CPUID flag PCLMULQDQ), and
+	// vaes256 is gated on that flag too, as hasVAES256 says; vaes512
+	// multiplies only on zmm registers, whose flag is AVX512VPCLMULQDQ.
 	noPCLMUL := "generic"
 	if hasVAES512 {
 		noPCLMUL = "vaes512"
