@@ -54,14 +54,13 @@ import (
 const rounds = 14
 
 var (
-	// gfMask is {0x87, 1} as two little-endian qwords. Its low qword is
+	// gfMask is {0x87, 1} as two little-endian qwords in each of four
+	// 128-bit lanes, so that a 16-, 32- or 64-byte operand from it has the
+	// pair in every lane of an xmm, ymm or zmm register. Its low qword is
 	// the reduction constant of GF(2^128) modulo x^128+x^7+x^2+x+1, used by
-	// the carry-less multiplies; the whole of it is the mask of the
+	// the carry-less multiplies; the whole pair is the mask of the
 	// shift-and-add doubling in the AES-NI kernel (see mulX).
 	gfMask Mem
-	// gfMask512 and gfMask256 are gfMask in each of four and two lanes,
-	// memory operands for the 512- and 256-bit carry-less multiplies.
-	gfMask512, gfMask256 Mem
 	// laneShiftL and laneShiftR are the per-qword shift counts that multiply
 	// lane i of a zmm register (i = 0..3) by x^i: left by i, and right by
 	// 64-i for the bits that cross into the next qword.
@@ -78,17 +77,7 @@ func main() {
 	ConstraintExpr("amd64,!purego")
 
 	gfMask = GLOBL("xtsGFMask", RODATA|NOPTR)
-	DATA(0, U64(0x87))
-	DATA(8, U64(1))
-
-	gfMask512 = GLOBL("xtsGFMask512", RODATA|NOPTR)
 	for lane := 0; lane < 4; lane++ {
-		DATA(16*lane, U64(0x87))
-		DATA(16*lane+8, U64(1))
-	}
-
-	gfMask256 = GLOBL("xtsGFMask256", RODATA|NOPTR)
-	for lane := 0; lane < 2; lane++ {
 		DATA(16*lane, U64(0x87))
 		DATA(16*lane+8, U64(1))
 	}
@@ -187,7 +176,7 @@ func mulXk512(dst, src, t1, t2 VecPhysical, k int) {
 	VPSLLQ(U8(k), src, dst)   // each qword shifted
 	VPSLLDQ(U8(8), t2, t1)    // low qword's carry into the high qword
 	VPSRLDQ(U8(8), t2, t2)    // high qword's carry, to reduce
-	raw("VPCLMULQDQ", U8(0x00), gfMask512, t2, t2)
+	raw("VPCLMULQDQ", U8(0x00), gfMask, t2, t2)
 	VPTERNLOGD(U8(0x96), t1, t2, dst) // dst ^= t1 ^ t2
 }
 
@@ -243,7 +232,7 @@ func xtsVAES512(decrypt bool) {
 	VPSLLVQ(laneShiftL, Z8, Z8)
 	VPSLLDQ(U8(8), Z1, Z0)
 	VPSRLDQ(U8(8), Z1, Z1)
-	raw("VPCLMULQDQ", U8(0x00), gfMask512, Z1, Z1)
+	raw("VPCLMULQDQ", U8(0x00), gfMask, Z1, Z1)
 	VPTERNLOGD(U8(0x96), Z0, Z1, Z8)
 	Comment("Z9-Z15: the tweaks of blocks 4-7, 8-11, ..., 28-31.")
 	for i := 1; i < 8; i++ {
@@ -280,7 +269,7 @@ func xtsVAES512(decrypt bool) {
 		VMOVDQU64(data[i], Mem{Base: RDI, Disp: 64 * i})
 	}
 	Comment("The next 32 tweaks.")
-	mulX32z := mulXBytes(4, gfMask512, "VPXORD")
+	mulX32z := mulXBytes(4, gfMask, "VPXORD")
 	for i := 0; i < 8; i++ {
 		mulX32z(tweak[i], Z31)
 	}
@@ -438,7 +427,7 @@ func mulXk256(dst, src, t1, t2 VecPhysical, k int) {
 	VPSLLQ(U8(k), src, dst)
 	VPSLLDQ(U8(8), t2, t1)
 	VPSRLDQ(U8(8), t2, t2)
-	raw("VPCLMULQDQ", U8(0x00), gfMask256, t2, t2)
+	raw("VPCLMULQDQ", U8(0x00), gfMask, t2, t2)
 	VPXOR(t1, dst, dst)
 	VPXOR(t2, dst, dst)
 }
@@ -476,7 +465,7 @@ func xtsVAES256(decrypt bool) {
 
 	crypt := memKeyCrypt(decrypt, data, tweak, key)
 	memKeyLoop(name+"_loop16", name+"_tail2", 32, data, tweak, key, crypt,
-		"The next 16 tweaks: each register times x^16, independently.", mulXBytes(2, gfMask256, "VPXOR"))
+		"The next 16 tweaks: each register times x^16, independently.", mulXBytes(2, gfMask, "VPXOR"))
 
 	Comment("Fewer than 16 blocks left: two at a time, the tweaks moving down Y9-Y15 into Y8.")
 	Label(name + "_tail2")
